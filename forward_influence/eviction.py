@@ -1,0 +1,137 @@
+"""Eviction masks: which cached keys each query may still see.
+
+Evicting a set S at time t means every query after t loses the keys in S, in the chosen layers and
+KV heads, while queries up to t are untouched (their own keys and values already carry S). This
+module turns such specs into additive attention masks, one per layer, of shape
+``[batch, heads or 1, queries, keys]`` with 0 where a key is visible and the dtype's minimum where it
+is hidden. The causal rule and each layer's sliding window are part of the mask, so the model's own
+mask is replaced, not combined.
+
+Masking key positions S for queries after t is exactly physical eviction at t (prefill 0..t,
+delete S from the cache, continue with the original positions): `forward_influence.verify` checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PretrainedConfig
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class EvictionSpec:
+    """Evict `positions` at eviction time `time`, in `layers` (None: all) and KV `heads` (None: all).
+
+    Queries at positions > `time` lose the keys at `positions`; every position must be <= `time`.
+    Heads are KV heads: evicting one hides the entry from every query head of its group.
+    """
+
+    positions: tuple[int, ...]
+    time: int
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if any(p > self.time or p < 0 for p in self.positions):
+            raise InputError(f"evicted positions must lie in [0, {self.time}] (the eviction time)")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """The attention geometry a mask must match: layers, heads and each layer's sliding window."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    windows: tuple[int | None, ...]
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> "AttentionLayout":
+        config = config.get_text_config(decoder=True)
+        n = config.num_hidden_layers
+        types = getattr(config, "layer_types", None) or ["full_attention"] * n
+        window = getattr(config, "sliding_window", None)
+        windows = tuple(window if kind == "sliding_attention" and window else None for kind in types)
+        heads = config.num_attention_heads
+        return cls(n, heads, getattr(config, "num_key_value_heads", None) or heads, windows)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def check(self, spec: EvictionSpec) -> None:
+        if spec.layers is not None and any(not 0 <= l < self.num_layers for l in spec.layers):
+            raise InputError(f"layers must lie in [0, {self.num_layers - 1}]")
+        if spec.heads is not None and any(not 0 <= h < self.num_kv_heads for h in spec.heads):
+            raise InputError(f"KV heads must lie in [0, {self.num_kv_heads - 1}]")
+
+
+def build_masks(
+    layout: AttentionLayout,
+    specs: Sequence[EvictionSpec | None],
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """Additive masks, one per layer, for a batch whose row b carries `specs[b]` (None: no eviction).
+
+    Parameters
+    ----------
+    query_positions:
+        ``[batch, queries]`` original positions of the queries.
+    key_positions:
+        ``[batch, keys]`` original positions of the keys, in cache order.
+    key_valid:
+        ``[batch, keys]`` False for keys a row must never see (e.g. cached keys after its eviction
+        time, which that row recomputes itself).
+
+    Layers with the same rule share one tensor, so an all-layer eviction costs one mask per window size.
+    """
+    device = query_positions.device
+    q = query_positions[:, :, None]
+    k = key_positions[:, None, :]
+    visible = k <= q
+    if key_valid is not None:
+        visible = visible & key_valid[:, None, :]
+    hidden_value = torch.finfo(dtype).min
+    times = torch.tensor([s.time if s else -1 for s in specs], device=device)
+    after = (query_positions > times[:, None])[:, :, None]  # [B, Q, 1]: queries that lose S
+    evicted_keys = torch.zeros_like(key_positions, dtype=torch.bool)
+    for b, spec in enumerate(specs):
+        if spec and spec.positions:
+            evicted_keys[b] = torch.isin(key_positions[b], torch.tensor(spec.positions, device=device))
+
+    shared: dict[tuple, torch.Tensor] = {}
+    masks = []
+    for layer, window in enumerate(layout.windows):
+        rows = tuple(
+            (b, spec.heads)
+            for b, spec in enumerate(specs)
+            if spec and spec.positions and (spec.layers is None or layer in spec.layers)
+        )
+        key = (window, rows)
+        if key not in shared:
+            allowed = visible if window is None else visible & (q - k < window)
+            allowed = allowed[:, None]  # [B, 1, Q, K]
+            if rows:
+                per_head = any(heads is not None for _, heads in rows)
+                n_heads = layout.num_heads if per_head else 1
+                hide = torch.zeros(len(specs), n_heads, *allowed.shape[2:], dtype=torch.bool, device=device)
+                for b, heads in rows:
+                    row_hide = after[b] & evicted_keys[b][None, :]  # [Q, K]
+                    if heads is None:
+                        hide[b] |= row_hide
+                    else:
+                        for h in heads:
+                            g = layout.group_size
+                            hide[b, h * g : (h + 1) * g] |= row_hide
+                allowed = allowed & ~hide
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            shared[key] = mask.masked_fill_(~allowed, hidden_value)
+        masks.append(shared[key])
+    return masks

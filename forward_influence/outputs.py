@@ -1,0 +1,50 @@
+"""Atomic output files: written to a temporary name in the same folder, renamed when complete.
+
+A run that fails half-way leaves no partial file behind, and a file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file next to `path` for writing; it becomes `path` when the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
+
+
+def write_table(df: pd.DataFrame, path: str | Path, fmt: str | None = None) -> Path:
+    """Write a table atomically as CSV, JSONL or Parquet (format from `fmt` or the extension)."""
+    path = Path(path)
+    fmt = fmt or {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix, "csv")
+    with atomic_path(path) as tmp:
+        if fmt == "jsonl":
+            df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        elif fmt == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+    return path

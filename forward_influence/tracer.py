@@ -1,0 +1,162 @@
+"""The nnsight tracer: one traced forward pass that applies eviction masks and reads the model.
+
+A `Tracer` wraps a loaded model in nnsight's `TransformersModel` and runs `Tracer.run`, the only
+traced pass of the toolkit. In that pass it can
+
+- replace each layer's attention mask (the per-layer masks of `forward_influence.eviction`),
+- read the residual stream before the first layer and after every layer (``hidden``),
+- read the final normed hidden states (``final``; logits are made from them in chunks, see
+  `forward_influence.logits`),
+- read attention probabilities, reduced at once to what the attention signals need: the mean over the
+  last `window` queries (SnapKV-style) and the sum over all queries (H2O-style), per layer and head,
+- extend a transformers `DynamicCache`, so later passes can start from it.
+
+Forward Influence passes start from a cache of the clean run (positions up to the eviction time are
+unaffected by an eviction at that time, so they are computed once) and run only the suffix, with one
+batch row per eviction spec. The code inside the traced block is plain torch with no local side
+effects, so the same pass runs remotely (NDIF) where nnsight supports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import nnsight
+import torch
+from nnsight import TransformersModel
+from transformers import DynamicCache
+
+from .eviction import AttentionLayout
+from .models import LoadedModel
+
+
+@dataclass
+class Readout:
+    """What one traced pass read; every tensor is float32 on the model's device.
+
+    final: ``[batch, tokens, hidden]`` final normed hidden states.
+    hidden: ``[layers + 1, batch, tokens, hidden]`` residual stream (embeddings, then after each layer),
+        or None.
+    attention_window: ``[layers, batch, heads, keys]`` attention each key receives, averaged over the
+        last `window` queries of the pass, or None.
+    attention_sum: ``[layers, batch, heads, keys]`` attention each key receives, summed over all
+        queries of the pass, or None.
+    cache: the `DynamicCache` after the pass, when one was used.
+    """
+
+    final: torch.Tensor
+    hidden: torch.Tensor | None = None
+    attention_window: torch.Tensor | None = None
+    attention_sum: torch.Tensor | None = None
+    cache: DynamicCache | None = None
+
+
+def _module_path(root: torch.nn.Module, target: torch.nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module not found in the model")
+
+
+def _envoy(root, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+class Tracer:
+    """Runs traced passes over one model (one `Tracer` per thread; nnsight wrappers are not shared)."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+        self.layout = AttentionLayout.from_config(self.model.config)
+        self.device = self.model.device
+        self.dtype = self.model.dtype
+        self.lm = TransformersModel(self.model, tokenizer=self.tokenizer)
+        decoder = self.model.get_decoder()
+        base = _envoy(self.lm, _module_path(self.model, decoder))
+        self._embed = _envoy(base, _module_path(decoder, decoder.get_input_embeddings()))
+        self._layers = list(base.layers)
+        self._norm = base.norm
+
+    @contextlib.contextmanager
+    def attention_implementation(self, name: str) -> Iterator[None]:
+        """Temporarily run attention as `name` (``eager`` is the one that returns probabilities)."""
+        before = self.model.config._attn_implementation
+        if before == name:
+            yield
+            return
+        self.model.set_attn_implementation(name)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(before)
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        masks: Sequence[torch.Tensor] | None = None,
+        cache: DynamicCache | None = None,
+        use_cache: bool = False,
+        hidden: bool = False,
+        attention_window: int | None = None,
+    ) -> Readout:
+        """One traced forward pass over ``input_ids [batch, tokens]``.
+
+        `masks` holds one additive mask per layer (see `build_masks`); layers sharing the first
+        layer's tensor take it from the model's input, the others get theirs written into their
+        attention inputs. `attention_window` (an int) reads attention probabilities under eager
+        attention and reduces them at once (memory per layer: one ``[batch, heads, tokens, keys]``
+        probability tensor, transient).
+        """
+        input_ids = input_ids.to(self.device)
+        if cache is None and use_cache:
+            cache = DynamicCache()  # full layers only: sliding windows live in the masks
+        kwargs = dict(past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids.to(self.device)
+        if masks is not None:
+            kwargs["attention_mask"] = masks[0]
+        read_attention = attention_window is not None
+        impl = "eager" if read_attention else self.model.config._attn_implementation
+        with self.attention_implementation(impl), torch.no_grad():
+            with self.lm.trace(input_ids, **kwargs):
+                states = nnsight.save([self._embed.output] if hidden else [])
+                windows, sums = nnsight.save([]), nnsight.save([])
+                for index, layer in enumerate(self._layers):
+                    if masks is not None and masks[index] is not masks[0]:
+                        args, kw = layer.self_attn.inputs
+                        layer.self_attn.inputs = (args, {**kw, "attention_mask": masks[index]})
+                    if read_attention:
+                        probs = layer.self_attn.output[1].float()
+                        windows.append(probs[:, :, -attention_window:, :].mean(dim=2))
+                        sums.append(probs.sum(dim=2))
+                    if hidden:
+                        states.append(layer.output)
+                final = nnsight.save(self._norm.output)
+        return Readout(
+            final=final.float(),
+            hidden=torch.stack(states).float() if hidden else None,
+            attention_window=torch.stack(windows) if read_attention else None,
+            attention_sum=torch.stack(sums) if read_attention else None,
+            cache=cache,
+        )
+
+
+def expand_cache(cache: DynamicCache, length: int, batch: int) -> DynamicCache:
+    """A new cache holding the first `length` positions of a batch-1 `cache`, repeated `batch` times.
+
+    Every layer is a plain full-attention layer, whatever the model's layer types: sliding windows
+    are enforced by the masks, which need every cached key in place.
+    """
+    data = [
+        (layer.keys[:, :, :length].expand(batch, -1, -1, -1), layer.values[:, :, :length].expand(batch, -1, -1, -1))
+        for layer in cache.layers
+    ]
+    return DynamicCache(ddp_cache_data=data)

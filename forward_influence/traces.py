@@ -1,0 +1,133 @@
+"""Traces: the token sequences under study, read from text, JSONL, stdin or the essay corpus.
+
+A trace spec is one of
+
+- ``essay:NAME`` (also ``essay:*``-style patterns and ``essay:evaluation`` / ``essay:calibration``),
+- a ``.txt`` file (its whole text is one trace),
+- a ``.jsonl`` file, one object per line with ``id`` and one of ``text``, ``prompt`` + ``completion``
+  (formatted with the tokenizer's chat template when it has one) or ``token_ids``,
+- ``-`` for standard input (plain text, or JSONL when every line is a JSON object).
+
+`max_tokens` keeps the first N tokens. Token ids follow the tokenizer's own conventions (the
+embedded SmolLM2 GGUF tokenizer adds no BOS to plain text).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from . import corpus
+from .errors import InputError
+
+
+@dataclass
+class Trace:
+    """A token sequence with where it came from.
+
+    `prompt_length` is the number of leading tokens that belong to the prompt (0 for plain text).
+    """
+
+    id: str
+    token_ids: list[int]
+    prompt_length: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
+    """Token ids of a chat-formatted prompt + completion, and the prompt's length in tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+            prompt_ids = prompt_ids["input_ids"]
+        prompt_ids = list(prompt_ids)
+    else:
+        prompt_ids = tokenizer(prompt).input_ids
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+def _from_record(record: dict, where: str, tokenizer: PreTrainedTokenizerBase) -> Trace:
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    trace_id = str(record.get("id", where))
+    if "token_ids" in record:
+        ids = record["token_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise InputError(f"{where}: 'token_ids' must be a list of integers")
+        vocab = len(tokenizer)
+        if any(i < 0 or i >= vocab for i in ids):
+            raise InputError(f"{where}: a token id is outside the vocabulary (0..{vocab - 1})")
+        return Trace(trace_id, list(ids), int(record.get("prompt_length", 0)), {"source": where})
+    if "prompt" in record and "completion" in record:
+        ids, n_prompt = _chat_ids(tokenizer, str(record["prompt"]), str(record["completion"]))
+        return Trace(trace_id, ids, n_prompt, {"source": where})
+    if "text" in record:
+        return Trace(trace_id, tokenizer(str(record["text"])).input_ids, 0, {"source": where})
+    raise InputError(f"{where}: needs 'text', 'prompt' + 'completion', or 'token_ids'")
+
+
+def _parse_jsonl(lines: list[str], source: str, tokenizer: PreTrainedTokenizerBase) -> list[Trace]:
+    traces = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: malformed JSON ({exc.msg})") from exc
+        traces.append(_from_record(record, where, tokenizer))
+    return traces
+
+
+def read_traces(
+    spec: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_tokens: int | None = None,
+    stdin_text: str | None = None,
+) -> list[Trace]:
+    """Read every trace a spec names, cut to the first `max_tokens` tokens.
+
+    Raises `InputError` for a missing file, a malformed JSONL line (with its line number), an empty
+    trace or an unknown essay.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise InputError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if spec.startswith("essay:"):
+        traces = [
+            Trace(f"essay:{name}", tokenizer(corpus.read_essay(name)).input_ids, 0, {"essay": name})
+            for name in corpus.match_essays(spec.removeprefix("essay:"))
+        ]
+    elif spec == "-":
+        text = sys.stdin.read() if stdin_text is None else stdin_text
+        lines = text.splitlines()
+        if lines and all(line.lstrip().startswith("{") for line in lines if line.strip()):
+            traces = _parse_jsonl(lines, "stdin", tokenizer)
+        else:
+            traces = [Trace("stdin", tokenizer(text).input_ids if text.strip() else [], 0, {})]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise InputError(f"no such trace file: {spec}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            traces = _parse_jsonl(text.splitlines(), str(path), tokenizer)
+        else:
+            traces = [Trace(path.stem, tokenizer(text).input_ids if text.strip() else [], 0, {"path": str(path)})]
+    if not traces:
+        raise InputError(f"{spec}: no trace in it")
+    for trace in traces:
+        if max_tokens is not None:
+            trace.token_ids = trace.token_ids[:max_tokens]
+        if len(trace) == 0:
+            raise InputError(f"{spec}: trace {trace.id!r} is empty")
+    return traces

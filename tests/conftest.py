@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models built from configs (no download) and the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from forward_influence.models import LoadedModel, load_model
+from forward_influence.tracer import Tracer
+
+VOCAB = 96
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w0 .. w95`` (unknown words map to w0)."""
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+
+
+def tiny_model(kind: str) -> LoadedModel:
+    """A random 4-layer model with GQA (4 query / 2 KV heads); Gemma3 alternates sliding and global layers."""
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, attn_implementation="sdpa"))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, attn_implementation="sdpa"))
+    elif kind == "gemma3":
+        config = Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * 2, attn_implementation="sdpa",
+        )
+        model = Gemma3ForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    model.float().eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), name=f"tiny-{kind}")
+
+
+@pytest.fixture(params=["llama", "qwen2", "gemma3"])
+def tiny(request) -> Tracer:
+    return Tracer(tiny_model(request.param))
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Tracer:
+    return Tracer(load_model())
