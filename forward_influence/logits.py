@@ -8,6 +8,8 @@ whatever the trace length. Entropies and divergences are in nats.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import PreTrainedModel
 
@@ -41,20 +43,75 @@ def entropies(
     return torch.cat(top), torch.cat(full)
 
 
-def kl_and_agreement(
-    model: PreTrainedModel, reference: torch.Tensor, other: torch.Tensor, chunk: int = DEFAULT_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(reference || other) and top-1 agreement per position.
+def _linear_head(model: PreTrainedModel) -> torch.nn.Linear | None:
+    """The output head when logits are affine in the final state (no soft-capping), else None."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+    return head if isinstance(head, torch.nn.Linear) and not cap else None
 
-    `reference` and `other` are final hidden states ``[positions, hidden]``. Returns the KL in nats
-    and a boolean tensor that is True where both distributions have the same most probable token.
+
+@dataclass
+class References:
+    """The clean run's next-token distributions, summarised once for fast KL against many evicted runs.
+
+    With an affine head (logits = W h + b) and reference probabilities p,
+    ``KL(p || q) = sum p log p - (p W) . h_q - p . b + logsumexp(W h_q + b)``,
+    so each evicted position costs one row of logits and a logsumexp, and the reference needs only
+    ``sum p log p`` (`neg_entropy`), the expected output embedding ``p W`` (`mean_embedding`), ``p . b``
+    and its top-1 token, per position. Other heads (soft-capped logits) keep the states and recompute.
+    """
+
+    final: torch.Tensor
+    neg_entropy: torch.Tensor | None = None
+    mean_embedding: torch.Tensor | None = None
+    bias_term: torch.Tensor | None = None
+    top1: torch.Tensor | None = None
+
+
+def references(model: PreTrainedModel, final: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> References:
+    """Summaries of the distributions at every position of `final` ``[positions, hidden]``."""
+    head = _linear_head(model)
+    if head is None:
+        return References(final)
+    neg_entropy, mean_embedding, bias_term, top1 = [], [], [], []
+    for start in range(0, final.shape[0], chunk):
+        logp = torch.log_softmax(logits_of(model, final[start : start + chunk]), dim=-1)
+        p = logp.exp()
+        neg_entropy.append((p * logp).sum(-1))
+        mean_embedding.append(p @ head.weight.float())
+        bias_term.append(p @ head.bias.float() if head.bias is not None else torch.zeros(p.shape[0]))
+        top1.append(logp.argmax(-1))
+    cat = torch.cat
+    return References(final, cat(neg_entropy), cat(mean_embedding), cat(bias_term), cat(top1))
+
+
+def kl_and_agreement(
+    model: PreTrainedModel,
+    reference: References,
+    positions: torch.Tensor,
+    other: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(reference || other) and top-1 agreement at reference `positions` ``[n]``.
+
+    `other` holds the final hidden states ``[n, hidden]`` of the compared run at those positions.
+    Returns the KL in nats (clamped at 0 against rounding) and a boolean tensor that is True where
+    both distributions have the same most probable token.
     """
     kls, agree = [], []
-    for start in range(0, reference.shape[0], chunk):
-        ref = torch.log_softmax(logits_of(model, reference[start : start + chunk]), dim=-1)
-        oth = torch.log_softmax(logits_of(model, other[start : start + chunk]), dim=-1)
-        kls.append((ref.exp() * (ref - oth)).sum(-1).clamp_min(0.0))
-        agree.append(ref.argmax(-1) == oth.argmax(-1))
+    for start in range(0, other.shape[0], chunk):
+        index = positions[start : start + chunk]
+        logits = logits_of(model, other[start : start + chunk])
+        if reference.neg_entropy is None:
+            ref = torch.log_softmax(logits_of(model, reference.final[index]), dim=-1)
+            kl = (ref.exp() * (ref - torch.log_softmax(logits, dim=-1))).sum(-1)
+            top1 = ref.argmax(-1)
+        else:
+            expected = (reference.mean_embedding[index] * other[start : start + chunk].float()).sum(-1)
+            kl = reference.neg_entropy[index] - expected - reference.bias_term[index] + logits.logsumexp(-1)
+            top1 = reference.top1[index]
+        kls.append(kl.clamp_min(0.0))
+        agree.append(top1 == logits.argmax(-1))
     return torch.cat(kls), torch.cat(agree)
 
 

@@ -27,6 +27,7 @@ import nnsight
 import torch
 from nnsight import TransformersModel
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .eviction import AttentionLayout
 from .models import LoadedModel
@@ -152,11 +153,17 @@ class Tracer:
 def expand_cache(cache: DynamicCache, length: int, batch: int) -> DynamicCache:
     """A new cache holding the first `length` positions of a batch-1 `cache`, repeated `batch` times.
 
-    Every layer is a plain full-attention layer, whatever the model's layer types: sliding windows
-    are enforced by the masks, which need every cached key in place.
+    The rows are broadcast views (no copy); the cache's first update concatenates the new keys and
+    materialises them once. Every layer is a plain full-attention layer, whatever the model's layer
+    types: sliding windows are enforced by the masks, which need every cached key in place.
     """
-    data = [
-        (layer.keys[:, :, :length].expand(batch, -1, -1, -1), layer.values[:, :, :length].expand(batch, -1, -1, -1))
-        for layer in cache.layers
-    ]
-    return DynamicCache(ddp_cache_data=data)
+    layers = []
+    for source in cache.layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(source.keys, source.values)
+        layer.keys = source.keys[:, :, :length].expand(batch, -1, -1, -1)
+        layer.values = source.values[:, :, :length].expand(batch, -1, -1, -1)
+        layers.append(layer)
+    expanded = DynamicCache()
+    expanded.layers = layers
+    return expanded

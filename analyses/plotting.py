@@ -1,0 +1,30 @@
+"""Figure conventions shared by the analyses: headless backend, seaborn theme, PNG + SVG output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; no display is assumed
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from forward_influence.outputs import atomic_path  # noqa: E402
+
+
+def theme() -> None:
+    sns.set_theme(context="notebook", style="whitegrid")
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> list[Path]:
+    """Save `fig` as PNG and SVG next to each other (`path` without or with either suffix)."""
+    base = Path(path).with_suffix("")
+    written = []
+    for suffix in (".png", ".svg"):
+        target = base.with_suffix(suffix)
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
+        written.append(target)
+    plt.close(fig)
+    return written

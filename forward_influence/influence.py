@@ -1,0 +1,142 @@
+"""Forward Influence: evict a set of cached tokens at time t and measure how the future diverges.
+
+For a trace, the clean run (no eviction) is computed once, with its cache. An eviction spec with time
+t can only change queries after t, so its run starts from the clean cache of positions 0..t and
+computes the next D positions (the suffix) with the spec's masks. Many specs are evaluated as the
+rows of one batched pass; rows may have different eviction times (the per-token scan gives every row
+its own t), in which case the shared cache covers the latest t and each row masks the cached keys
+after its own t, which it recomputes in its suffix.
+
+Against the clean run, per query position q = t + d: ``kl`` = KL(p_clean(q) || p_evicted(q)) of the
+next-token distributions (nats), ``top1_agreement`` (1 when both predict the same token), and per layer
+``hidden_cos`` (1 - cosine) and ``hidden_rel_l2`` (relative L2 distance) of the residual stream after
+that layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .eviction import EvictionSpec, build_masks
+from .logits import References, hidden_divergence, kl_and_agreement, references
+from .tracer import Tracer, expand_cache
+
+
+@dataclass
+class CleanRun:
+    """The unevicted run of a trace: final states ``[tokens, hidden]``, residual stream
+    ``[layers + 1, tokens, hidden]`` (or None), the cache of every position and the summaries of its
+    next-token distributions used for KL (`forward_influence.logits.References`)."""
+
+    token_ids: torch.Tensor
+    final: torch.Tensor
+    hidden: torch.Tensor | None
+    cache: DynamicCache
+    references: References
+
+
+def clean_run(tracer: Tracer, token_ids: Sequence[int] | torch.Tensor, hidden: bool = True) -> CleanRun:
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    readout = tracer.run(ids[None], use_cache=True, hidden=hidden)
+    final = readout.final[0]
+    states = None if readout.hidden is None else readout.hidden[:, 0]
+    return CleanRun(ids, final, states, readout.cache, references(tracer.model, final))
+
+
+@dataclass
+class Divergence:
+    """Divergence of each evicted run from the clean run, by distance d = 1..D after its eviction time.
+
+    kl, top1_agreement: ``[specs, D]``; hidden_cos, hidden_rel_l2: ``[specs, layers, D]`` or None.
+    Entries whose query would lie past the end of the trace are NaN.
+    """
+
+    kl: np.ndarray
+    top1_agreement: np.ndarray
+    hidden_cos: np.ndarray | None = None
+    hidden_rel_l2: np.ndarray | None = None
+
+    @property
+    def distance(self) -> np.ndarray:
+        return np.arange(1, self.kl.shape[1] + 1)
+
+
+def evict(
+    tracer: Tracer,
+    clean: CleanRun,
+    specs: Sequence[EvictionSpec],
+    max_distance: int,
+    batch_size: int = 8,
+    hidden: bool = True,
+    progress: bool = False,
+) -> Divergence:
+    """Run every spec for `max_distance` positions after its eviction time; compare with `clean`."""
+    n_tokens = clean.token_ids.shape[0]
+    n_layers = tracer.layout.num_layers
+    for spec in specs:
+        tracer.layout.check(spec)
+        if spec.time >= n_tokens - 1:
+            raise ValueError(f"eviction time {spec.time} leaves no position after it (trace has {n_tokens} tokens)")
+    hidden = hidden and clean.hidden is not None
+    kl = np.full((len(specs), max_distance), np.nan)
+    agree = np.full_like(kl, np.nan)
+    cos = np.full((len(specs), n_layers, max_distance), np.nan) if hidden else None
+    rel = np.full_like(cos, np.nan) if hidden else None
+    device = tracer.device
+    batches = range(0, len(specs), batch_size)
+    for start in tqdm(batches, desc="evict", unit="batch", disable=not progress, leave=False):
+        rows = list(specs[start : start + batch_size])
+        times = torch.tensor([s.time for s in rows], device=device)
+        length = min(max_distance, n_tokens - 1 - int(times.min()))
+        n_cached = int(times.max()) + 1
+        offsets = torch.arange(1, length + 1, device=device)
+        query_positions = times[:, None] + offsets[None]  # [B, D]
+        valid = query_positions < n_tokens
+        gather = query_positions.clamp(max=n_tokens - 1)
+        input_ids = clean.token_ids.to(device)[gather]
+        cached = torch.arange(n_cached, device=device).expand(len(rows), -1)
+        key_positions = torch.cat([cached, query_positions], dim=1)
+        key_valid = torch.cat([cached <= times[:, None], valid], dim=1)
+        masks = build_masks(tracer.layout, rows, query_positions, key_positions, key_valid, tracer.dtype)
+        cache = expand_cache(clean.cache, n_cached, len(rows))
+        out = tracer.run(input_ids, position_ids=query_positions, masks=masks, cache=cache, hidden=hidden)
+        row_kl, row_agree = kl_and_agreement(tracer.model, clean.references, gather[valid], out.final[valid])
+        b, d = valid.nonzero(as_tuple=True)
+        index = (b + start).cpu().numpy(), (d).cpu().numpy()
+        kl[index] = row_kl.cpu().numpy()
+        agree[index] = row_agree.float().cpu().numpy()
+        if hidden:
+            # Residual stream after each layer: [layers, B, D, hidden] vs the clean run at the same positions.
+            layer_cos, layer_rel = hidden_divergence(clean.hidden[1:][:, gather[valid]], out.hidden[1:][:, valid])
+            cos[index[0], :, index[1]] = layer_cos.T.cpu().numpy()
+            rel[index[0], :, index[1]] = layer_rel.T.cpu().numpy()
+    return Divergence(kl, agree, cos, rel)
+
+
+def per_distance_frame(divergence: Divergence, labels: Sequence[str], document: str, time: int) -> pd.DataFrame:
+    """Long table ``document, selection, time, distance, kl, top1_agreement, hidden_cos, hidden_rel_l2``.
+
+    The hidden-state columns are means over layers (NaN when hidden states were not read).
+    """
+    n_specs, n_dist = divergence.kl.shape
+    frame = pd.DataFrame(
+        {
+            "document": document,
+            "selection": np.repeat(list(labels), n_dist),
+            "time": time,
+            "distance": np.tile(divergence.distance, n_specs),
+            "kl": divergence.kl.ravel(),
+            "top1_agreement": divergence.top1_agreement.ravel(),
+        }
+    )
+    for name in ("hidden_cos", "hidden_rel_l2"):
+        values = getattr(divergence, name)
+        frame[name] = np.nan if values is None else np.nanmean(values, axis=1).ravel()
+    return frame.dropna(subset=["kl"]).reset_index(drop=True)

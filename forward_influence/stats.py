@@ -1,0 +1,68 @@
+"""Distance buckets and confidence intervals for Forward Influence tables.
+
+Distances d = q - t count query positions after the eviction time t (d >= 1). The default buckets
+are 1-8, 9-32, 33-128, 129-512 and 513+. Intervals are two-sided 95% Student-t intervals of the mean
+(`scipy.stats.t`); with fewer than two values the interval is NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+DEFAULT_EDGES = (1, 9, 33, 129, 513)
+
+
+def bucket_bounds(edges: Sequence[int] = DEFAULT_EDGES) -> list[tuple[int, int | None]]:
+    """``[(lo, hi), ...]`` inclusive bounds of each bucket; the last one is open (hi None)."""
+    edges = list(edges)
+    return [(lo, hi - 1) for lo, hi in zip(edges, edges[1:])] + [(edges[-1], None)]
+
+
+def bucket_label(lo: int, hi: int | None) -> str:
+    return f"{lo}+" if hi is None else f"{lo}-{hi}"
+
+
+def parse_edges(text: str) -> tuple[int, ...]:
+    """Bucket edges from ``"1,9,33,129,513"``: each number starts a bucket."""
+    edges = tuple(int(x) for x in text.split(",") if x.strip())
+    if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError("bucket edges must be increasing integers starting at 1 or more")
+    return edges
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the Student-t confidence interval of the mean, ignoring NaN."""
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return np.nan, np.nan, np.nan
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, np.nan, np.nan
+    sem = stats.sem(x)
+    if sem == 0:
+        return mean, mean, mean
+    lo, hi = stats.t.interval(confidence, x.size - 1, loc=mean, scale=sem)
+    return mean, float(lo), float(hi)
+
+
+def by_bucket(frame: pd.DataFrame, value_columns: Sequence[str], edges: Sequence[int] = DEFAULT_EDGES) -> pd.DataFrame:
+    """Mean of each value column per (document, selection, bucket) from a per-distance frame.
+
+    `frame` has columns ``document, selection, distance`` and the value columns.
+    """
+    rows = []
+    for lo, hi in bucket_bounds(edges):
+        inside = frame[(frame.distance >= lo) & ((frame.distance <= hi) if hi is not None else True)]
+        if inside.empty:
+            continue
+        means = inside.groupby(["document", "selection"], sort=False)[list(value_columns)].mean().reset_index()
+        means.insert(2, "bucket", bucket_label(lo, hi))
+        means.insert(3, "distance_lo", lo)
+        means.insert(4, "distance_hi", hi if hi is not None else int(inside.distance.max()))
+        rows.append(means)
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
