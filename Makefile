@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/forward-influence demo
 
+# The tests never need a model hub: offline mode makes an unknown model id fail at once.
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python analyses/benchmarks/bench_tracer.py --quick

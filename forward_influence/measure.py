@@ -76,9 +76,9 @@ def influence_by_distance(
     """
     selectors = selectors or {}
     names = [s if s in selectors else canonical(s) for s in selections]
+    times = [eviction_time(trace, settings) for trace in traces]  # bad input fails before any work
     frames = []
-    for trace in tqdm(traces, desc="traces", unit="trace", disable=not progress):
-        t = eviction_time(trace, settings)
+    for trace, t in tqdm(list(zip(traces, times)), desc="traces", unit="trace", disable=not progress):
         end = len(trace) if settings.max_distance is None else min(len(trace), t + 1 + settings.max_distance)
         signals = token_signals(tracer, trace.token_ids[: t + 1], top_k=settings.top_k, window=settings.window)
         specs = []

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from .errors import InputError
-from .eviction import EvictionSpec
+from .eviction import EvictionSpec, build_masks
 from .influence import CleanRun, Divergence, clean_run, evict
 from .tracer import Tracer
 
@@ -84,3 +84,36 @@ def scan(
     tokens = [tracer.tokenizer.decode([token_ids[j]]) for j in range(start, end)]
     frame = pd.DataFrame({"position": np.arange(start, end), "token": tokens})
     return pd.concat([frame, fi_summary(divergence.kl)], axis=1)
+
+
+def naive_token_kl(
+    tracer: Tracer,
+    token_ids: Sequence[int],
+    position: int,
+    max_distance: int,
+    clean_logits: torch.Tensor | None = None,
+) -> np.ndarray:
+    """The definition, computed the slow way: one full forward with token `position` masked from every
+    later query, logits for every position, KL against the clean run at distances 1..D.
+
+    Recomputes the whole prefix for each token; `scan_divergence` gives the same numbers without
+    that. Used by the tests and by the benchmark as the baseline. `clean_logits` (``[tokens, vocab]``
+    of the whole trace) saves the clean forward when many tokens are checked.
+    """
+    ids = torch.as_tensor(token_ids[: position + 1 + max_distance], dtype=torch.long)
+    positions = torch.arange(len(ids))[None]
+    masks = build_masks(tracer.layout, [EvictionSpec((position,), position)], positions, positions, dtype=tracer.dtype)
+    mask = masks[0]
+    if any(w is not None for w in tracer.layout.windows):
+        # Hybrid models (Gemma3) take one mask per layer type.
+        kinds = ["sliding_attention" if w is not None else "full_attention" for w in tracer.layout.windows]
+        mask = {kind: masks[kinds.index(kind)] for kind in set(kinds)}
+    with torch.no_grad():
+        if clean_logits is None:
+            clean_logits = tracer.model(ids[None].to(tracer.device)).logits[0].float()
+        clean = clean_logits[position + 1 : len(ids)]
+        evicted = tracer.model(ids[None].to(tracer.device), attention_mask=mask).logits[0, position + 1 :].float()
+    p, q = torch.log_softmax(clean, -1), torch.log_softmax(evicted, -1)
+    kl = np.full(max_distance, np.nan)
+    kl[: len(p)] = (p.exp() * (p - q)).sum(-1).cpu().numpy()
+    return kl

@@ -110,7 +110,8 @@ def read_traces(
     elif spec == "-":
         text = sys.stdin.read() if stdin_text is None else stdin_text
         lines = text.splitlines()
-        if lines and all(line.lstrip().startswith("{") for line in lines if line.strip()):
+        nonblank = [line for line in lines if line.strip()]
+        if nonblank and all(line.lstrip().startswith("{") for line in nonblank):
             traces = _parse_jsonl(lines, "stdin", tokenizer)
         else:
             traces = [Trace("stdin", tokenizer(text).input_ids if text.strip() else [], 0, {})]

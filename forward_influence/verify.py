@@ -113,7 +113,7 @@ def verification_cases(tracer: Tracer, length: int, seed: int = 0) -> list[Case]
     """All-layer, per-layer and per-head evictions of a few positions, older than every sliding window."""
     layout = tracer.layout
     windows = [w for w in layout.windows if w is not None]
-    t = length - max(4, length // 4) - 1
+    t = length - max(4, min(16, length // 4)) - 1  # decode up to 16 tokens after t
     oldest = t - (min(windows) if windows else 0)
     if oldest < 4:
         raise InputError(f"a trace of {length} tokens is too short to verify this model; use a longer one")

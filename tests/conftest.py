@@ -35,6 +35,7 @@ def tiny_model(kind: str) -> LoadedModel:
     common = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.2,  # sharper attention than the default 0.02, so evictions matter
     )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, attn_implementation="sdpa"))

@@ -1,0 +1,105 @@
+"""The command line: outputs, formats, and one-line errors with exit code 2 and no partial files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from forward_influence.cli import main
+
+pytestmark = pytest.mark.slow  # these load the embedded model (once per process)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_score_writes_the_documented_columns(capsys, tmp_path):
+    out = tmp_path / "gap.csv"
+    code, stdout, _ = run(capsys, "score", "essay:gap", "--max-tokens", "40", "--out", str(out))
+    assert code == 0 and stdout.strip().splitlines()[-1] == str(out)
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == [
+        "position", "token", "entropy_generated", "entropy_next", "entropy_full",
+        "attention_snapkv", "attention_h2o", "evolution",
+    ]
+    assert len(frame) == 40 and frame.entropy_generated.isna().sum() == 1
+    assert (frame.entropy_next <= frame.entropy_full + 1e-6).mean() > 0.9  # top-10 rarely exceeds the full entropy
+
+
+def test_score_jsonl_to_stdout(capsys):
+    code, stdout, _ = run(capsys, "score", "essay:gap", "--max-tokens", "8", "--format", "jsonl")
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert code == 0 and [r["position"] for r in rows] == list(range(8))
+
+
+def test_influence_and_scan_tables(capsys, tmp_path):
+    out = tmp_path / "influence.csv"
+    code, _, _ = run(capsys, "influence", "essay:gap", "--max-tokens", "96", "--evict-at", "63",
+                     "--select", "entropy,attention,random", "--fraction", "0.1", "--out", str(out))
+    table = pd.read_csv(out)
+    assert code == 0 and set(table.selection) == {"entropy_next", "attention_snapkv", "random"}
+    assert list(table.bucket.unique()) == ["1-8", "9-32"]
+    code, stdout, _ = run(capsys, "scan", "essay:gap", "--max-tokens", "64", "--start", "30", "--end", "33",
+                          "--max-distance", "16", "--format", "csv")
+    lines = stdout.strip().splitlines()
+    assert code == 0 and lines[0] == "position,token,fi_near,fi_far,fi_total" and len(lines) == 4
+
+
+def test_verify_passes_on_the_embedded_model(capsys):
+    code, stdout, _ = run(capsys, "verify", "--max-tokens", "48")
+    assert code == 0
+    assert "within the 0.001 tolerance" in stdout.splitlines()[-1]
+    assert stdout.count("True") == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["influence", "essay:gap", "--fraction", "1.5"], "fraction must lie in (0, 1)"),
+        (["influence", "missing.txt"], "no such trace file: missing.txt"),
+        (["score", "essay:nope"], "no essay matches 'nope'"),
+        (["influence", "essay:gap", "--max-tokens", "50", "--evict-at", "60"], "is beyond trace 'essay:gap'"),
+        (["scan", "essay:gap", "--max-tokens", "30", "--start", "10", "--end", "40"], "scan range [10, 40)"),
+        (["influence", "essay:gap", "--select", "loudness"], "unknown selection 'loudness'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):
+    code, stdout, stderr = run(capsys, *argv)
+    assert code == 2
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr
+
+
+def test_malformed_jsonl_and_empty_trace(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\n{"id": oops}\n')
+    code, _, stderr = run(capsys, "score", str(bad))
+    assert code == 2 and "line 2: malformed JSON" in stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    code, _, stderr = run(capsys, "score", str(empty))
+    assert code == 2 and "is empty" in stderr
+
+
+def test_a_failed_run_leaves_no_partial_output(capsys, tmp_path):
+    out = tmp_path / "table.csv"
+    code, _, _ = run(capsys, "influence", "essay:gap", "--max-tokens", "50", "--evict-at", "60", "--out", str(out))
+    assert code == 2 and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model_from_a_fresh_process():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "forward_influence.cli", "score", "essay:gap", "--model", "no-such/model"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model 'no-such/model'")
+    assert "Traceback" not in result.stderr
