@@ -42,16 +42,21 @@ def scan_divergence(
     clean: CleanRun | None = None,
     progress: bool = False,
 ) -> Divergence:
-    """KL and top-1 agreement ``[end - start, max_distance]`` for each token evicted at its own time."""
+    """KL and top-1 agreement ``[end - start, max_distance]`` for each token evicted at its own time.
+
+    The last token of the trace has no later query: its row is NaN.
+    """
     n = len(token_ids)
-    if not 0 <= start < end <= n - 1:
-        raise InputError(f"scan range [{start}, {end}) must lie in [0, {n - 1}) for a trace of {n} tokens")
+    if not 0 <= start < end <= n:
+        raise InputError(f"scan range [{start}, {end}) must lie in [0, {n}] for a trace of {n} tokens")
     if max_distance < 1:
         raise InputError(f"--max-distance must be at least 1, got {max_distance}")
     if clean is None:
         clean = clean_run(tracer, token_ids[: min(n, end + max_distance)], hidden=False)
-    specs = [EvictionSpec((j,), j) for j in range(start, end)]
-    return evict(tracer, clean, specs, max_distance, batch_size=batch_size, hidden=False, progress=progress)
+    specs = [EvictionSpec((j,), j) for j in range(start, min(end, n - 1))]
+    result = evict(tracer, clean, specs, max_distance, batch_size=batch_size, hidden=False, progress=progress)
+    missing = np.full((end - start - len(specs), max_distance), np.nan)
+    return Divergence(np.vstack([result.kl, missing]), np.vstack([result.top1_agreement, missing]))
 
 
 def fi_summary(kl: np.ndarray) -> pd.DataFrame:

@@ -67,7 +67,7 @@ def test_verify_passes_on_the_embedded_model(capsys):
         (["influence", "missing.txt"], "no such trace file: missing.txt"),
         (["score", "essay:nope"], "no essay matches 'nope'"),
         (["influence", "essay:gap", "--max-tokens", "50", "--evict-at", "60"], "is beyond trace 'essay:gap'"),
-        (["scan", "essay:gap", "--max-tokens", "30", "--start", "10", "--end", "40"], "scan range [10, 40)"),
+        (["scan", "essay:gap", "--max-tokens", "30", "--start", "10", "--end", "40"], "scan range [10, 40) must lie in [0, 30]"),
         (["influence", "essay:gap", "--select", "loudness"], "unknown selection 'loudness'"),
     ],
 )

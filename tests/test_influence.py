@@ -51,6 +51,8 @@ def test_scan_rows_summarise_near_far_and_total(llama):
 def test_scan_rejects_a_range_outside_the_trace(llama):
     with pytest.raises(InputError, match="scan range"):
         scan_divergence(llama, _ids(20), 10, 25, 4)
+    last = scan_divergence(llama, _ids(20), 17, 20, 4).kl  # the last token has no future: NaN
+    assert not np.isnan(last[:2, 0]).any() and np.isnan(last[2]).all() and np.isnan(last[1, 2:]).all()
 
 
 def test_influence_table_has_every_selection_and_bucket(llama):

@@ -16,7 +16,8 @@ The last line is ``speedup_scan_vs_naive=X floor_ratio=Y nnsight_overhead=Z``:
   signals, final states) of a 1024-token trace versus a plain forward of the base model on the same
   input, both with eager attention (the readout needs attention probabilities).
 
-Each timed block is repeated and the minimum kept; X, Y and Z's sides are interleaved.
+Each timed block keeps its best time; the two sides of Y and of Z run alternately, X's scan and
+naive sample one after the other.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def interleaved(first, second, repeats: int) -> tuple[float, float]:
+    """Best times of two callables run alternately after one warm-up each (noise hits both alike)."""
+    first(), second()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(best_of(first, 1))
+        b.append(best_of(second, 1))
+    return min(a), min(b)
 
 
 def long_essay(tokenizer) -> list[int]:
@@ -105,13 +116,9 @@ def main() -> None:
         with torch.no_grad():
             model.model(input_ids, position_ids=queries, past_key_values=expand_cache(clean.cache, n_cached, BATCH))
 
-    traced_pass(), plain_pass()
-    traced_times, plain_times = [], []
-    for _ in range(repeats + 1):
-        traced_times.append(best_of(traced_pass, 1))
-        plain_times.append(best_of(plain_pass, 1))
-    floor_ratio = min(traced_times) / min(plain_times)
-    print(f"eviction pass {min(traced_times):.2f} s vs plain forward {min(plain_times):.2f} s "
+    traced_time, plain_time = interleaved(traced_pass, plain_pass, repeats + 1)
+    floor_ratio = traced_time / plain_time
+    print(f"eviction pass {traced_time:.2f} s vs plain forward {plain_time:.2f} s "
           f"({BATCH} rows x {DISTANCE} queries, {n_cached + DISTANCE} keys)", file=sys.stderr)
 
     # Z: traced signal readout versus a plain forward, both eager.
@@ -124,13 +131,9 @@ def main() -> None:
         with tracer.attention_implementation("eager"), torch.no_grad():
             model.model(full)
 
-    readout(), plain_eager()
-    readout_times, eager_times = [], []
-    for _ in range(repeats + 1):
-        readout_times.append(best_of(readout, 1))
-        eager_times.append(best_of(plain_eager, 1))
-    overhead = min(readout_times) / min(eager_times)
-    print(f"traced readout {min(readout_times):.2f} s vs plain eager forward {min(eager_times):.2f} s "
+    readout_time, eager_time = interleaved(readout, plain_eager, repeats + 1)
+    overhead = readout_time / eager_time
+    print(f"traced readout {readout_time:.2f} s vs plain eager forward {eager_time:.2f} s "
           f"({LENGTH} tokens)", file=sys.stderr)
     print(f"speedup_scan_vs_naive={speedup:.2f} floor_ratio={floor_ratio:.2f} nnsight_overhead={overhead:.2f}")
 
