@@ -16,8 +16,8 @@ The last line is ``speedup_scan_vs_naive=X floor_ratio=Y nnsight_overhead=Z``:
   signals, final states) of a 1024-token trace versus a plain forward of the base model on the same
   input, both with eager attention (the readout needs attention probabilities).
 
-Each timed block keeps its best time; the two sides of Y and of Z run alternately, X's scan and
-naive sample one after the other.
+Y and Z are medians of paired ratios (the two sides run back to back, several pairs); X's scan and
+naive sample run one after the other, once each.
 """
 
 from __future__ import annotations
@@ -52,14 +52,19 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def interleaved(first, second, repeats: int) -> tuple[float, float]:
-    """Best times of two callables run alternately after one warm-up each (noise hits both alike)."""
+def paired_ratio(first, second, pairs: int) -> tuple[float, float, float]:
+    """Median of first/second time ratios over pairs run back to back, after one warm-up each.
+
+    Each pair shares the machine's state of the moment, so the ratio is steadier than a ratio of two
+    separately taken minima. Returns (ratio, median first time, median second time).
+    """
     first(), second()
     a, b = [], []
-    for _ in range(repeats):
+    for _ in range(pairs):
         a.append(best_of(first, 1))
         b.append(best_of(second, 1))
-    return min(a), min(b)
+    ratios = np.array(a) / np.array(b)
+    return float(np.median(ratios)), float(np.median(a)), float(np.median(b))
 
 
 def long_essay(tokenizer) -> list[int]:
@@ -81,7 +86,7 @@ def main() -> None:
     model = loaded.model
     ids = long_essay(loaded.tokenizer)
     end = START + 128 if args.quick else LENGTH
-    repeats = 2 if args.quick else 3
+    pairs = 3 if args.quick else 7
 
     # X: the scan (clean run included) versus the naive recompute, per token.
     scan_divergence(tracer, ids, START, START + BATCH, DISTANCE, BATCH)  # warm-up
@@ -116,8 +121,7 @@ def main() -> None:
         with torch.no_grad():
             model.model(input_ids, position_ids=queries, past_key_values=expand_cache(clean.cache, n_cached, BATCH))
 
-    traced_time, plain_time = interleaved(traced_pass, plain_pass, repeats + 1)
-    floor_ratio = traced_time / plain_time
+    floor_ratio, traced_time, plain_time = paired_ratio(traced_pass, plain_pass, pairs)
     print(f"eviction pass {traced_time:.2f} s vs plain forward {plain_time:.2f} s "
           f"({BATCH} rows x {DISTANCE} queries, {n_cached + DISTANCE} keys)", file=sys.stderr)
 
@@ -131,8 +135,7 @@ def main() -> None:
         with tracer.attention_implementation("eager"), torch.no_grad():
             model.model(full)
 
-    readout_time, eager_time = interleaved(readout, plain_eager, repeats + 1)
-    overhead = readout_time / eager_time
+    overhead, readout_time, eager_time = paired_ratio(readout, plain_eager, pairs)
     print(f"traced readout {readout_time:.2f} s vs plain eager forward {eager_time:.2f} s "
           f"({LENGTH} tokens)", file=sys.stderr)
     print(f"speedup_scan_vs_naive={speedup:.2f} floor_ratio={floor_ratio:.2f} nnsight_overhead={overhead:.2f}")
