@@ -91,3 +91,12 @@ def test_buckets_and_intervals():
     frame = pd.DataFrame({"document": "d", "selection": "s", "distance": [1, 2, 9, 40], "kl": [1.0, 3.0, 5.0, 7.0]})
     buckets = by_bucket(frame, ["kl"], (1, 9, 33))
     assert buckets.kl.tolist() == [2.0, 5.0, 7.0]
+
+
+def test_caller_selectors_choose_the_evicted_set(llama):
+    trace = Trace("doc", _ids(50))
+    settings = InfluenceSettings(evict_at=25, max_distance=10)
+    chosen = {"none": lambda trace, signals, t: [], "recent": lambda trace, signals, t: range(t - 4, t + 1)}
+    frame = influence_by_distance(llama, [trace], ["none", "recent"], settings, selectors=chosen, progress=False)
+    kl = frame.pivot(index="distance", columns="selection", values="kl")
+    assert kl.none.max() < 1e-5 and (kl.recent > 1e-3).all()
