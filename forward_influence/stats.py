@@ -63,6 +63,7 @@ def by_bucket(frame: pd.DataFrame, value_columns: Sequence[str], edges: Sequence
         means = inside.groupby(["document", "selection"], sort=False)[list(value_columns)].mean().reset_index()
         means.insert(2, "bucket", bucket_label(lo, hi))
         means.insert(3, "distance_lo", lo)
-        means.insert(4, "distance_hi", hi if hi is not None else int(inside.distance.max()))
+        # The last distance actually measured, which a short trace may put inside the bucket's bounds.
+        means.insert(4, "distance_hi", int(inside.distance.max()))
         rows.append(means)
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
