@@ -72,13 +72,16 @@ class AttentionLayout:
 
 def build_masks(
     layout: AttentionLayout,
-    specs: Sequence[EvictionSpec | None],
+    specs: Sequence[EvictionSpec | Sequence[EvictionSpec] | None],
     query_positions: torch.Tensor,
     key_positions: torch.Tensor,
     key_valid: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
-    """Additive masks, one per layer, for a batch whose row b carries `specs[b]` (None: no eviction).
+    """Additive masks, one per layer, for a batch whose row b carries `specs[b]`.
+
+    A row's entry is one spec, a sequence of specs (each hides its own positions from the queries
+    after its own time, e.g. the successive compressions of a generation), or None (no eviction).
 
     Parameters
     ----------
@@ -99,36 +102,33 @@ def build_masks(
     if key_valid is not None:
         visible = visible & key_valid[:, None, :]
     hidden_value = torch.finfo(dtype).min
-    times = torch.tensor([s.time if s else -1 for s in specs], device=device)
-    after = (query_positions > times[:, None])[:, :, None]  # [B, Q, 1]: queries that lose S
-    evicted_keys = torch.zeros_like(key_positions, dtype=torch.bool)
-    for b, spec in enumerate(specs):
-        if spec and spec.positions:
-            evicted_keys[b] = torch.isin(key_positions[b], torch.tensor(spec.positions, device=device))
-
+    row_specs = [[] if s is None else [s] if isinstance(s, EvictionSpec) else list(s) for s in specs]
     shared: dict[tuple, torch.Tensor] = {}
     masks = []
     for layer, window in enumerate(layout.windows):
         rows = tuple(
-            (b, spec.heads)
-            for b, spec in enumerate(specs)
-            if spec and spec.positions and (spec.layers is None or layer in spec.layers)
+            (b, i, spec.heads)
+            for b, row in enumerate(row_specs)
+            for i, spec in enumerate(row)
+            if spec.positions and (spec.layers is None or layer in spec.layers)
         )
         key = (window, rows)
         if key not in shared:
             allowed = visible if window is None else visible & (q - k < window)
             allowed = allowed[:, None]  # [B, 1, Q, K]
             if rows:
-                per_head = any(heads is not None for _, heads in rows)
+                per_head = any(heads is not None for _, _, heads in rows)
                 n_heads = layout.num_heads if per_head else 1
                 hide = torch.zeros(len(specs), n_heads, *allowed.shape[2:], dtype=torch.bool, device=device)
-                for b, heads in rows:
-                    row_hide = after[b] & evicted_keys[b][None, :]  # [Q, K]
-                    if heads is None:
-                        hide[b] |= row_hide
-                    else:
-                        for h in heads:
-                            g = layout.group_size
+                for b, i, heads in rows:
+                    spec = row_specs[b][i]
+                    evicted = torch.isin(key_positions[b], torch.tensor(spec.positions, device=device))
+                    row_hide = (query_positions[b] > spec.time)[:, None] & evicted[None, :]  # [Q, K]
+                    g = layout.group_size
+                    for h in range(layout.num_kv_heads) if heads is not None else [None]:
+                        if h is None:
+                            hide[b] |= row_hide
+                        elif h in heads:
                             hide[b, h * g : (h + 1) * g] |= row_hide
                 allowed = allowed & ~hide
             mask = torch.zeros(allowed.shape, dtype=dtype, device=device)

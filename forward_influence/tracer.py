@@ -44,6 +44,8 @@ class Readout:
         last `window` queries of the pass, or None.
     attention_sum: ``[layers, batch, heads, keys]`` attention each key receives, summed over all
         queries of the pass, or None.
+    queries: per layer, the query states ``[batch, heads, tokens, head_dim]`` as the attention
+        function receives them (after projections, norms and RoPE), or None.
     cache: the `DynamicCache` after the pass, when one was used.
     """
 
@@ -51,6 +53,7 @@ class Readout:
     hidden: torch.Tensor | None = None
     attention_window: torch.Tensor | None = None
     attention_sum: torch.Tensor | None = None
+    queries: list[torch.Tensor] | None = None
     cache: DynamicCache | None = None
 
 
@@ -107,6 +110,7 @@ class Tracer:
         use_cache: bool = False,
         hidden: bool = False,
         attention_window: int | None = None,
+        queries: bool = False,
     ) -> Readout:
         """One traced forward pass over ``input_ids [batch, tokens]``.
 
@@ -129,11 +133,15 @@ class Tracer:
         with self.attention_implementation(impl), torch.no_grad():
             with self.lm.trace(input_ids, **kwargs):
                 states = nnsight.save([self._embed.output] if hidden else [])
-                windows, sums = nnsight.save([]), nnsight.save([])
+                windows, sums, query_states = nnsight.save([]), nnsight.save([]), nnsight.save([])
                 for index, layer in enumerate(self._layers):
                     if masks is not None and masks[index] is not masks[0]:
                         args, kw = layer.self_attn.inputs
                         layer.self_attn.inputs = (args, {**kw, "attention_mask": masks[index]})
+                    if queries:
+                        # The attention function's call site: (module, query, key, value, mask, ...).
+                        call_args, _ = layer.self_attn.source.attention_interface_1.inputs
+                        query_states.append(call_args[1].float())
                     if read_attention:
                         probs = layer.self_attn.output[1].float()
                         windows.append(probs[:, :, -attention_window:, :].mean(dim=2))
@@ -146,6 +154,7 @@ class Tracer:
             hidden=torch.stack(states).float() if hidden else None,
             attention_window=torch.stack(windows) if read_attention else None,
             attention_sum=torch.stack(sums) if read_attention else None,
+            queries=list(query_states) if queries else None,
             cache=cache,
         )
 

@@ -1,0 +1,150 @@
+"""Observations: what a scoring policy may read about the cached tokens, per layer and per token.
+
+A compression policy decides from an `Observation` of the cache: per layer the cached keys and
+values, the last `window` query states, the attention each key has received from every query so far
+(H2O's cumulative attention) and each token's representation change across that layer; per token
+its top-k entropies and original position. The tracer builds observations offline (`observe`, one
+nnsight pass over a trace) and the compression runtime builds them online during generation; both
+use the functions of this module, so the same input gives the same scores.
+
+Shapes: keys and values ``[batch, kv_heads, tokens, head_dim]`` (after RoPE, as cached), queries
+``[batch, heads, window, head_dim]``, cumulative attention ``[batch, heads, tokens]``, evolution and
+entropies ``[batch, tokens]``, positions ``[tokens]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .logits import DEFAULT_CHUNK, entropies
+from .tracer import Tracer
+
+QUERY_CHUNK = 256
+
+
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention ``[batch, heads, queries, keys]`` of `query` over `key` (GQA: keys repeated
+    over each group), causal by original position and limited to the sliding window if any."""
+    group = query.shape[1] // key.shape[1]
+    key = key.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(query.float(), key.transpose(-1, -2)) * scaling
+    visible = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window is not None:
+        visible &= query_positions[:, None] - key_positions[None, :] < sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def attention_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+    chunk: int = QUERY_CHUNK,
+) -> torch.Tensor:
+    """Attention each key receives, summed over the queries: ``[batch, heads, keys]``, `chunk` queries
+    at a time (memory: ``chunk x keys`` scores per head)."""
+    total = torch.zeros(query.shape[0], query.shape[1], key.shape[2], dtype=torch.float32, device=key.device)
+    for start in range(0, query.shape[2], chunk):
+        probs = attention_probs(
+            query[:, :, start : start + chunk], key, query_positions[start : start + chunk], key_positions,
+            scaling, sliding_window,
+        )
+        total += probs.sum(dim=2)
+    return total
+
+
+def evolution(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> torch.Tensor:
+    """Representation change across a layer, ``1 - cos(h_in, h_out)`` per token: ``[batch, tokens]``."""
+    return 1.0 - torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+
+
+@dataclass
+class LayerObservation:
+    """One layer's view of the cache (see the module docstring for shapes)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    query_positions: torch.Tensor
+    cumulative_attention: torch.Tensor
+    evolution: torch.Tensor
+    scaling: float
+    sliding_window: int | None = None
+
+
+@dataclass
+class Observation:
+    """The cache as policies see it: per-layer views plus per-token entropies and positions.
+
+    entropy_next[i] is the top-k entropy of the distribution at token i (predicting i+1; NaN where
+    not yet known), entropy_generated[i] that of the distribution that produced token i (NaN for the
+    first token). `top_k` is the k they were computed with.
+    """
+
+    layers: list[LayerObservation]
+    entropy_next: torch.Tensor
+    entropy_generated: torch.Tensor
+    positions: torch.Tensor
+    top_k: int = 10
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    def window_attention(self, layer: int, window: int | None = None) -> torch.Tensor:
+        """Attention ``[batch, heads, w, tokens]`` from the last `window` observed queries."""
+        obs = self.layers[layer]
+        queries, query_positions = obs.queries, obs.query_positions
+        if window is not None:
+            queries, query_positions = queries[:, :, -window:], query_positions[-window:]
+        return attention_probs(queries, obs.keys, query_positions, self.positions, obs.scaling, obs.sliding_window)
+
+
+def observe(
+    tracer: Tracer,
+    token_ids: Sequence[int] | torch.Tensor,
+    window: int = 64,
+    top_k: int = 10,
+    chunk: int = DEFAULT_CHUNK,
+) -> Observation:
+    """The observation of a cache holding `token_ids`, from one traced pass (batch 1)."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    readout = tracer.run(ids[None], use_cache=True, hidden=True, queries=True)
+    positions = torch.arange(len(ids), device=tracer.device)
+    entropy_next, _ = entropies(tracer.model, readout.final[0], top_k=top_k, chunk=chunk)
+    entropy_generated = torch.cat([torch.full((1,), float("nan")), entropy_next[:-1]])
+    layers = []
+    for index, module in enumerate(tracer.model.get_decoder().layers):
+        attention = module.self_attn
+        cached = readout.cache.layers[index]
+        window_size = tracer.layout.windows[index]
+        query = readout.queries[index]
+        layers.append(
+            LayerObservation(
+                keys=cached.keys,
+                values=cached.values,
+                queries=query[:, :, -window:],
+                query_positions=positions[-window:],
+                cumulative_attention=attention_received(
+                    query, cached.keys, positions, positions, attention.scaling, window_size
+                ),
+                evolution=evolution(readout.hidden[index], readout.hidden[index + 1]),
+                scaling=attention.scaling,
+                sliding_window=window_size,
+            )
+        )
+    return Observation(layers, entropy_next[None], entropy_generated[None], positions, top_k=top_k)

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Policy, per_token
+
+
+@dataclass
+class TOVA(Policy):
+    """Token Omission Via Attention (TOVA, Oren et al., arXiv 2401.06104).
+
+    Each cached token is scored by the attention it receives from the last query, averaged over all
+    query heads, so the layer makes one selection shared by its KV heads. Scores: [batch, kv_heads,
+    tokens]; higher means keep.
+    """
+
+    name = "tova"
+
+    def score(self, obs, layer):
+        last = obs.window_attention(layer, 1)[:, :, 0]  # [batch, heads, tokens]
+        return per_token(last.mean(dim=1), self.kv_heads(obs, layer))
