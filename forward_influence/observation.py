@@ -7,14 +7,18 @@ its top-k entropies and original position. The tracer builds observations offlin
 nnsight pass over a trace) and the compression runtime builds them online during generation; both
 use the functions of this module, so the same input gives the same scores.
 
-Shapes: keys and values ``[batch, kv_heads, tokens, head_dim]`` (after RoPE, as cached), queries
-``[batch, heads, window, head_dim]``, cumulative attention ``[batch, heads, tokens]``, evolution and
-entropies ``[batch, tokens]``, positions ``[tokens]``.
+Shapes, per layer: keys and values ``[batch, kv_heads, tokens, head_dim]`` (after RoPE, as cached),
+their original positions ``[batch, kv_heads, tokens]`` (heads may keep different tokens once a
+policy has evicted per head), queries ``[batch, heads, window, head_dim]`` with their positions
+``[window]``, cumulative attention ``[batch, heads, tokens]`` (in the cache order of each head's KV
+group). Per token, indexed by original position: entropies ``[batch, seen]`` and representation
+change ``[batch, layers, seen]``; a token's signals are fixed once it has been processed, so they
+never need re-indexing after an eviction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -38,9 +42,14 @@ def attention_probs(
     group = query.shape[1] // key.shape[1]
     key = key.float().repeat_interleave(group, dim=1)
     scores = torch.matmul(query.float(), key.transpose(-1, -2)) * scaling
-    visible = key_positions[None, :] <= query_positions[:, None]
+    if key_positions.dim() == 3:  # [batch, kv_heads, keys]: per-head positions
+        key_positions = key_positions.repeat_interleave(group, dim=1)[:, :, None, :]
+    else:
+        key_positions = key_positions[None, None, None, :]
+    q = query_positions[None, None, :, None]
+    visible = key_positions <= q
     if sliding_window is not None:
-        visible &= query_positions[:, None] - key_positions[None, :] < sliding_window
+        visible = visible & (q - key_positions < sliding_window)
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
@@ -55,7 +64,8 @@ def attention_received(
     chunk: int = QUERY_CHUNK,
 ) -> torch.Tensor:
     """Attention each key receives, summed over the queries: ``[batch, heads, keys]``, `chunk` queries
-    at a time (memory: ``chunk x keys`` scores per head)."""
+    at a time (memory: ``chunk x keys`` scores per head). `key_positions` is ``[keys]`` or
+    ``[batch, kv_heads, keys]``."""
     total = torch.zeros(query.shape[0], query.shape[1], key.shape[2], dtype=torch.float32, device=key.device)
     for start in range(0, query.shape[2], chunk):
         probs = attention_probs(
@@ -77,33 +87,38 @@ class LayerObservation:
 
     keys: torch.Tensor
     values: torch.Tensor
+    positions: torch.Tensor
     queries: torch.Tensor
     query_positions: torch.Tensor
-    cumulative_attention: torch.Tensor
-    evolution: torch.Tensor
+    cumulative_attention: torch.Tensor | None
     scaling: float
     sliding_window: int | None = None
 
 
 @dataclass
 class Observation:
-    """The cache as policies see it: per-layer views plus per-token entropies and positions.
+    """The cache as policies see it: per-layer views plus per-token signals by original position.
 
-    entropy_next[i] is the top-k entropy of the distribution at token i (predicting i+1; NaN where
-    not yet known), entropy_generated[i] that of the distribution that produced token i (NaN for the
-    first token). `top_k` is the k they were computed with.
+    entropy_next[:, p] is the top-k entropy of the distribution at position p (predicting p+1; NaN
+    where not yet known), entropy_generated[:, p] that of the distribution that produced token p
+    (NaN for the first token), evolution[:, l, p] the change ``1 - cos`` of token p across layer l
+    (NaN where not read). `top_k` is the k of the entropies.
     """
 
     layers: list[LayerObservation]
     entropy_next: torch.Tensor
     entropy_generated: torch.Tensor
-    positions: torch.Tensor
+    evolution: torch.Tensor
     top_k: int = 10
-    extra: dict = field(default_factory=dict)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.positions.shape[0])
+    def num_tokens(self, layer: int) -> int:
+        return int(self.layers[layer].keys.shape[2])
+
+    def per_token(self, layer: int, table: torch.Tensor) -> torch.Tensor:
+        """A per-position table ``[batch, seen]`` gathered into the layer's cache order:
+        ``[batch, kv_heads, tokens]``."""
+        positions = self.layers[layer].positions
+        return table.gather(1, positions.flatten(1)).reshape(positions.shape)
 
     def window_attention(self, layer: int, window: int | None = None) -> torch.Tensor:
         """Attention ``[batch, heads, w, tokens]`` from the last `window` observed queries."""
@@ -111,7 +126,7 @@ class Observation:
         queries, query_positions = obs.queries, obs.query_positions
         if window is not None:
             queries, query_positions = queries[:, :, -window:], query_positions[-window:]
-        return attention_probs(queries, obs.keys, query_positions, self.positions, obs.scaling, obs.sliding_window)
+        return attention_probs(queries, obs.keys, query_positions, obs.positions, obs.scaling, obs.sliding_window)
 
 
 def observe(
@@ -137,14 +152,15 @@ def observe(
             LayerObservation(
                 keys=cached.keys,
                 values=cached.values,
+                positions=positions.expand(*cached.keys.shape[:3]),
                 queries=query[:, :, -window:],
                 query_positions=positions[-window:],
                 cumulative_attention=attention_received(
                     query, cached.keys, positions, positions, attention.scaling, window_size
                 ),
-                evolution=evolution(readout.hidden[index], readout.hidden[index + 1]),
                 scaling=attention.scaling,
                 sliding_window=window_size,
             )
         )
-    return Observation(layers, entropy_next[None], entropy_generated[None], positions, top_k=top_k)
+    change = torch.stack([evolution(readout.hidden[i], readout.hidden[i + 1]) for i in range(len(layers))], dim=1)
+    return Observation(layers, entropy_next[None], entropy_generated[None], change, top_k=top_k)

@@ -58,29 +58,32 @@ class Budget:
 def kept_indices(policy: Policy, obs: Observation, budget: Budget) -> list[torch.Tensor | None]:
     """Per layer, the kept cache indices ``[batch, kv_heads, k]`` in ascending order, or None for
     sliding-window layers (left to their window)."""
-    n = obs.num_tokens
+    full = [l for l, view in enumerate(obs.layers) if view.sliding_window is None]
+    n = obs.num_tokens(full[0]) if full else 0
     per_layer = policy.layer_budgets(budget.tokens(n), len(obs.layers))
     kept = []
     for layer, k in enumerate(per_layer):
         if obs.layers[layer].sliding_window is not None:
             kept.append(None)
             continue
+        n = obs.num_tokens(layer)
         scores = policy.score(obs, layer)
         top = scores.topk(min(max(k, 1), n), dim=-1).indices
         kept.append(top.sort(dim=-1).values)
     return kept
 
 
-def eviction_specs(kept: list[torch.Tensor | None], positions: torch.Tensor, time: int) -> list[EvictionSpec]:
+def eviction_specs(kept: list[torch.Tensor | None], obs: Observation, time: int) -> list[EvictionSpec]:
     """The evictions behind `kept` (batch row 0) as tracer specs at eviction time `time`: one spec per
     layer and KV head whose set is not empty, so the tracer can measure or replay a policy's choice."""
     specs = []
     for layer, indices in enumerate(kept):
         if indices is None:
             continue
+        positions = obs.layers[layer].positions[0]
         for head in range(indices.shape[1]):
-            keep = set(positions[indices[0, head]].tolist())
-            evicted = tuple(p for p in positions.tolist() if p not in keep)
+            keep = set(positions[head, indices[0, head]].tolist())
+            evicted = tuple(p for p in positions[head].tolist() if p not in keep)
             if evicted:
                 specs.append(EvictionSpec(evicted, time, layers=(layer,), heads=(head,)))
     return specs

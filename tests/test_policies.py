@@ -87,9 +87,9 @@ def test_rkv_penalises_the_older_copy_of_a_duplicate_key():
     keys[0, 0, 4] = keys[0, 0, 1]  # token 1 has a later duplicate (token 4)
     layer = LayerObservation(
         keys=keys, values=keys, queries=torch.randn(1, 1, 1, 8), query_positions=torch.tensor([5]),
-        cumulative_attention=torch.zeros(1, 1, 6), evolution=torch.zeros(1, 6), scaling=1.0,
+        positions=torch.arange(6).expand(1, 1, 6), cumulative_attention=torch.zeros(1, 1, 6), scaling=1.0,
     )
-    obs = Observation([layer], torch.zeros(1, 6), torch.zeros(1, 6), torch.arange(6))
+    obs = Observation([layer], torch.zeros(1, 6), torch.zeros(1, 6), torch.zeros(1, 1, 6))
     scores = RKV(window=1, kernel=1, lam=0.0).score(obs, 0)
     assert scores[0, 0, 1] < 0 and scores[0, 0, 4] == 0 and torch.isinf(scores[0, 0, 5])
 
@@ -134,7 +134,7 @@ def test_kept_set_gathered_per_head_equals_the_tracers_masked_replay(llama, ids,
                               past_key_values=cache, use_cache=True)
             physical.append(out.logits[0, -1])
     # Masked: the tracer's replay of the same evictions.
-    specs = eviction_specs(kept, obs.positions, t)
+    specs = eviction_specs(kept, obs, t)
     prefix = llama.run(ids[None, : t + 1], use_cache=True)
     queries = torch.arange(t + 1, T)[None]
     masks = build_masks(llama.layout, [specs], queries, torch.arange(T)[None])

@@ -25,7 +25,7 @@ def group_reduce(x: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch
     return grouped.amax(dim=2) if how == "max" else grouped.mean(dim=2)
 
 
-def per_token(values: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def broadcast_heads(values: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """A per-token ``[batch, tokens]`` score broadcast to every KV head: ``[batch, kv_heads, tokens]``."""
     return values[:, None, :].expand(-1, num_kv_heads, -1).clone()
 

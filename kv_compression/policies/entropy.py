@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy, per_token, protect
+from .base import Policy, protect
 
 
 def token_entropy(obs, alignment: str) -> torch.Tensor:
-    """``[batch, tokens]`` top-k entropy under an alignment: ``next`` or ``generated``."""
+    """``[batch, seen]`` top-k entropy by position under an alignment: ``next`` or ``generated``."""
     if alignment not in ("next", "generated"):
         raise ValueError(f"alignment must be 'next' or 'generated', got {alignment!r}")
     return obs.entropy_next if alignment == "next" else obs.entropy_generated
@@ -33,4 +33,4 @@ class Entropy(Policy):
 
     def score(self, obs, layer):
         values = torch.nan_to_num(token_entropy(obs, self.alignment), nan=float("inf"))
-        return protect(per_token(values, self.kv_heads(obs, layer)), self.sinks, self.window)
+        return protect(obs.per_token(layer, values), self.sinks, self.window)

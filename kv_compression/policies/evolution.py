@@ -4,12 +4,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy, per_token, protect
+from .base import Policy, protect
 
 
 def mean_evolution(obs) -> torch.Tensor:
-    """``[batch, tokens]`` representation change ``1 - cos(h_in, h_out)`` averaged over layers."""
-    return torch.stack([layer.evolution for layer in obs.layers]).mean(dim=0)
+    """``[batch, seen]`` representation change ``1 - cos(h_in, h_out)`` by position, averaged over layers."""
+    return obs.evolution.nanmean(dim=1)
 
 
 @dataclass
@@ -28,5 +28,5 @@ class Evolution(Policy):
     window: int = 32
 
     def score(self, obs, layer):
-        values = obs.layers[layer].evolution if self.per_layer else mean_evolution(obs)
-        return protect(per_token(values, self.kv_heads(obs, layer)), self.sinks, self.window)
+        values = obs.evolution[:, layer] if self.per_layer else mean_evolution(obs)
+        return protect(obs.per_token(layer, torch.nan_to_num(values, nan=float("inf"))), self.sinks, self.window)

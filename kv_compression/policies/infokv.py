@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy, per_token, protect
+from .base import Policy, protect
 from .entropy import token_entropy
 from .evolution import mean_evolution
 from .snapkv import SnapKV
@@ -59,7 +59,6 @@ class InfoKV(Policy):
     sinks: int = 4
 
     def score(self, obs, layer):
-        heads = self.kv_heads(obs, layer)
         attention = SnapKV(window=self.window, kernel=self.kernel).attention(obs, layer)
         entropy = token_entropy(obs, self.alignment)
         entropy = torch.where(torch.isnan(entropy), entropy.nan_to_num(nan=0.0).amax(dim=-1, keepdim=True), entropy)
@@ -75,6 +74,6 @@ class InfoKV(Policy):
         else:
             raise ValueError(f"layer_weighting must be 'uniform' or 'linear', got {self.layer_weighting!r}")
         combined = normalise(attention, self.normalisation) + self.weight * scale * normalise(
-            per_token(entropy, heads), self.normalisation
+            obs.per_token(layer, entropy), self.normalisation
         )
         return protect(combined, self.sinks, self.window)

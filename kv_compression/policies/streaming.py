@@ -2,9 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .base import Policy, per_token, protect
+from .base import Policy, protect
 
 
 @dataclass
@@ -19,5 +17,4 @@ class StreamingLLM(Policy):
     sinks: int = 4
 
     def score(self, obs, layer):
-        positions = obs.positions.float()[None].expand(obs.layers[layer].keys.shape[0], -1)
-        return protect(per_token(positions, self.kv_heads(obs, layer)), sinks=self.sinks)
+        return protect(obs.layers[layer].positions.float(), sinks=self.sinks)

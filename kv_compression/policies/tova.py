@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Policy, per_token
+from .base import Policy, broadcast_heads
 
 
 @dataclass
@@ -18,4 +18,4 @@ class TOVA(Policy):
 
     def score(self, obs, layer):
         last = obs.window_attention(layer, 1)[:, :, 0]  # [batch, heads, tokens]
-        return per_token(last.mean(dim=1), self.kv_heads(obs, layer))
+        return broadcast_heads(last.mean(dim=1), self.kv_heads(obs, layer))
