@@ -1,6 +1,7 @@
 """The ``forward-influence`` command line.
 
-Commands: ``essays``, ``score``, ``influence``, ``scan``, ``verify``, ``trace`` and ``demo``.
+Commands: ``essays``, ``score``, ``influence``, ``scan``, ``verify``, ``trace``, ``generate``,
+``policies`` and ``demo``.
 Results go to stdout (a table) or ``--out FILE`` (format by extension: .csv, .jsonl, .parquet);
 progress and messages go to stderr; a command that writes files prints the main file's path last.
 Bad input gives one ``error:`` line on stderr and exit code 2; a failure of the run exit code 1
@@ -31,6 +32,8 @@ EXAMPLES = {
     "verify": "forward-influence verify --model gemma-3-270m",
     "trace": "forward-influence trace data/problems.jsonl --limit 5 --out traces.jsonl",
     "demo": "forward-influence demo --docs 4 --out demo-run",
+    "generate": "forward-influence generate --trace essay:gap --max-tokens 1024 --policy infokv --budget 0.25",
+    "policies": "forward-influence policies",
 }
 
 
@@ -88,6 +91,11 @@ def build_parser() -> Parser:
     _add_model(p)
     p.add_argument("--top-k", type=int, default=10, help="k of the top-k entropy (default 10)")
     p.add_argument("--window", type=int, default=32, help="queries of the SnapKV observation window (default 32)")
+    p.add_argument("--policy", default=None,
+                   help="also score with these compression policies (comma-separated CLI names, see `policies`): adds "
+                   "score_<policy> (mean over layers and KV heads; inf = always kept), keep_share_<policy> (share of "
+                   "layer x KV-head slots that keep the token) and kept_<policy> (1 when at least half keep it)")
+    p.add_argument("--budget", default="0.25", help="budget of --policy: a ratio in (0, 1] or a token count (default 0.25)")
     _add_out(p)
 
     p = command("influence", "Forward Influence by distance of signal-chosen sets evicted at time t")
@@ -128,6 +136,20 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per problem (default 256)")
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
     p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
+
+    p = command("generate", "generate with a compressed KV cache; the last line reports the cache sizes")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text (chat-formatted when the model has a template)")
+    p.add_argument("--trace", default=None, help="use a trace's tokens as the prompt instead (essay:NAME, a file, -)")
+    p.add_argument("--max-tokens", type=int, default=None, help="keep the first N tokens of --trace")
+    _add_model(p)
+    p.add_argument("--policy", required=True, help="compression policy, a CLI name from `policies`")
+    p.add_argument("--budget", required=True, help="kept tokens per layer: a ratio of the prompt in (0, 1] or a count")
+    p.add_argument("--buffer", type=int, default=128, help="new tokens allowed beyond the budget before re-compressing (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+    p = command("policies", "list the compression policies with their rules and fields")
 
     p = command("demo", "the main job: influence by distance for entropy vs attention vs random sets")
     _add_model(p)
@@ -181,14 +203,60 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     if args.top_k < 1 or args.window < 1:
         raise InputError("--top-k and --window must be at least 1")
+    policies = _policies(args.policy) if args.policy else []
+    budget = _budget(args.budget) if policies else None
     tracer, traces = _tracer_and_traces(args)
     frames = []
     for trace in traces:
         frame = token_signals(tracer, trace.token_ids, top_k=args.top_k, window=args.window).table(tracer.tokenizer)
+        if policies:
+            frame = pd.concat([frame, _policy_columns(tracer, trace.token_ids, policies, budget)], axis=1)
         if len(traces) > 1:
             frame.insert(0, "trace", trace.id)
         frames.append(frame)
     _emit(pd.concat(frames, ignore_index=True), args)
+
+
+def _policies(text: str) -> list:
+    from kv_compression.policies import POLICIES
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown or not names:
+        raise InputError(f"unknown policy {', '.join(unknown) or text!r}; choose from {', '.join(POLICIES)}")
+    return [POLICIES[n]() for n in names]
+
+
+def _budget(text: str):
+    from kv_compression.budget import Budget
+
+    return Budget.parse(text)
+
+
+def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
+    """score_/keep_share_/kept_ columns of each policy for one trace (see `score --help`)."""
+    import torch
+
+    from kv_compression.budget import kept_indices
+
+    from .observation import observe
+
+    window = max([getattr(p, "window", 1) for p in policies] + [64])
+    obs = observe(tracer, token_ids, window=window, top_k=max(getattr(p, "top_k", 10) for p in policies))
+    columns = {}
+    n = len(token_ids)
+    for policy in policies:
+        kept = kept_indices(policy, obs, budget)
+        layers = [l for l, index in enumerate(kept) if index is not None]
+        scores = torch.stack([policy.score(obs, l)[0] for l in layers])  # [layers, kv_heads, tokens]
+        keep = torch.zeros_like(scores)
+        for row, layer in enumerate(layers):
+            keep[row].scatter_(1, kept[layer][0], 1.0)
+        share = keep.mean(dim=(0, 1))
+        columns[f"score_{policy.name}"] = scores.mean(dim=(0, 1)).cpu().numpy()
+        columns[f"keep_share_{policy.name}"] = share.cpu().numpy()
+        columns[f"kept_{policy.name}"] = (share >= 0.5).int().cpu().numpy()
+    return pd.DataFrame(columns, index=range(n))
 
 
 def cmd_influence(args: argparse.Namespace) -> None:
@@ -265,6 +333,49 @@ def cmd_trace(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from kv_compression.runtime import generate
+
+    if (args.prompt is None) == (args.trace is None):
+        raise InputError("give either a PROMPT or --trace FILE")
+    policy = _policies(args.policy)[0]
+    budget = _budget(args.budget)
+    if args.max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    if args.trace is not None:
+        tracer, traces = _tracer_and_traces(args)
+        tokenizer, model, ids = tracer.tokenizer, tracer.model, traces[0].token_ids
+    else:
+        from .models import load_model
+        from .traces import _chat_ids
+
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+        tokenizer, model = loaded.tokenizer, loaded.model
+        ids, _ = _chat_ids(tokenizer, args.prompt, "")
+    torch.manual_seed(args.seed)
+    sampling = dict(do_sample=True, temperature=0.7, top_p=0.9) if args.sample else {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output, cache = generate(model, torch.tensor(ids), policy, budget, buffer=args.buffer,
+                             max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sampling)
+    print(tokenizer.decode(output[0, len(ids):], skip_special_tokens=True))
+    sizes = cache.sizes()
+    print("cache: " + " ".join(f"{k}={v}" for k, v in sizes.items()))
+
+
+def cmd_policies(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from kv_compression.policies import POLICIES
+
+    for name, cls in POLICIES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        print(f"{name:<10} {doc}")
+        print(f"{'':<10} fields: {fields or '(none)'}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from analyses.demo import run_demo
 
@@ -274,7 +385,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "essays": cmd_essays, "score": cmd_score, "influence": cmd_influence, "scan": cmd_scan,
-    "verify": cmd_verify, "trace": cmd_trace, "demo": cmd_demo,
+    "verify": cmd_verify, "trace": cmd_trace, "generate": cmd_generate, "policies": cmd_policies,
+    "demo": cmd_demo,
 }
 
 

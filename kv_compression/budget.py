@@ -3,7 +3,7 @@
 A budget is a ratio of the cached tokens in (0, 1] or an absolute token count (an integer >= 1, at
 most the number of cached tokens). Per layer, the policy spreads it (uniform, or PyramidKV's
 pyramid); each KV head then keeps its top-scoring tokens, the same number in every head of a layer
-(so the kept entries stay one dense tensor). Sliding-window layers keep their window: they are left
+(so the kept entries stay one dense tensor), ties going to the most recent tokens. Sliding-window layers keep their window: they are left
 out of compression.
 """
 
@@ -68,7 +68,11 @@ def kept_indices(policy: Policy, obs: Observation, budget: Budget) -> list[torch
             continue
         n = obs.num_tokens(layer)
         scores = policy.score(obs, layer)
-        top = scores.topk(min(max(k, 1), n), dim=-1).indices
+        # Ties (protected tokens score +inf alike) go to the most recent: sort newest first, then
+        # stably by score.
+        newest_first = obs.layers[layer].positions.argsort(dim=-1, descending=True)
+        order = scores.gather(-1, newest_first).sort(dim=-1, descending=True, stable=True).indices
+        top = newest_first.gather(-1, order[..., : min(max(k, 1), n)])
         kept.append(top.sort(dim=-1).values)
     return kept
 

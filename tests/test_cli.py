@@ -103,3 +103,49 @@ def test_unknown_model_from_a_fresh_process():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model 'no-such/model'")
     assert "Traceback" not in result.stderr
+
+
+def test_generate_prints_the_completion_then_the_cache_sizes(capsys):
+    code, stdout, _ = run(capsys, "generate", "--trace", "essay:gap", "--max-tokens", "200", "--policy", "snapkv",
+                          "--budget", "0.25", "--buffer", "8", "--max-new-tokens", "12")
+    last = stdout.strip().splitlines()[-1]
+    assert code == 0 and last.startswith("cache: full_tokens=")
+    sizes = dict(item.split("=") for item in last.removeprefix("cache: ").split())
+    assert int(sizes["full_tokens"]) == 200 + 11 and int(sizes["kept_tokens"]) <= 50 + 8
+    assert int(sizes["kept_bytes"]) < int(sizes["full_bytes"]) / 3
+
+
+def test_score_with_policies_adds_score_and_kept_columns(capsys, tmp_path):
+    out = tmp_path / "s.csv"
+    code, _, _ = run(capsys, "score", "essay:gap", "--max-tokens", "64", "--policy", "snapkv,infokv",
+                     "--budget", "40", "--out", str(out))
+    frame = pd.read_csv(out)
+    assert code == 0
+    for name in ("snapkv", "infokv"):
+        assert {f"score_{name}", f"keep_share_{name}", f"kept_{name}"} <= set(frame.columns)
+        assert frame[f"kept_{name}"].isin([0, 1]).all()
+        assert frame[f"kept_{name}"].tail(32).all()  # the observation window is always kept
+    assert frame.keep_share_snapkv.sum() == pytest.approx(40)  # each layer and head keeps 40 tokens
+
+
+def test_policies_lists_every_policy(capsys):
+    code, stdout, _ = run(capsys, "policies")
+    names = [line.split()[0] for line in stdout.splitlines() if not line.startswith(" ")]
+    assert code == 0 and names == ["streaming", "snapkv", "h2o", "tova", "knorm", "pyramidkv", "rkv", "random",
+                                   "entropy", "evolution", "infokv"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "hello", "--policy", "snapkv", "--budget", "1.5"], "ratio must lie in (0, 1]"),
+        (["generate", "hello", "--policy", "snapkv", "--budget", "0"], "budget must be positive"),
+        (["generate", "hello", "--policy", "magic", "--budget", "0.5"], "unknown policy 'magic'"),
+        (["generate", "--policy", "snapkv", "--budget", "0.5"], "give either a PROMPT or --trace"),
+        (["generate", "--trace", "essay:gap", "--max-tokens", "20", "--policy", "snapkv", "--budget", "500"],
+         "larger than the sequence"),
+    ],
+)
+def test_bad_generation_input_is_one_line_and_exit_code_2(capsys, argv, message):
+    code, _, stderr = run(capsys, *argv)
+    assert code == 2 and stderr.count("\n") == 1 and message in stderr

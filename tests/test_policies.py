@@ -76,6 +76,11 @@ def test_streaming_keeps_sinks_and_the_most_recent(obs):
     assert kept[0][0, 0].tolist() == [0, 1, 2, 3] + list(range(T - 6, T))
 
 
+def test_a_budget_below_the_protected_window_keeps_the_most_recent(obs):
+    kept = kept_indices(SnapKV(window=8), obs, Budget.parse("5"))
+    assert all(index[0, h].tolist() == list(range(T - 5, T)) for index in kept for h in range(2))
+
+
 def test_pyramid_budgets_fall_with_depth_and_keep_the_total():
     budgets = PyramidKV(window=8, beta=4).layer_budgets(40, 4)
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]

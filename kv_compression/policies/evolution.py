@@ -14,8 +14,7 @@ def mean_evolution(obs) -> torch.Tensor:
 
 @dataclass
 class Evolution(Policy):
-    """Keep tokens whose representation changes most across layers (the evolution signal of InfoKV,
-    arXiv 2606.26875).
+    """Keep tokens whose representation changes most across layers (InfoKV's evolution, arXiv 2606.26875).
 
     Each token scores ``1 - cos(h_in, h_out)`` of its residual stream across each layer, averaged over
     all layers (``per_layer=False``) or taken at the scored layer (``per_layer=True``). The first

@@ -7,8 +7,7 @@ from .base import Policy
 
 @dataclass
 class Knorm(Policy):
-    """Low key norm (Devoto et al., "A simple and effective L2 norm-based strategy for KV cache
-    compression", arXiv 2406.11430).
+    """Keep the keys with the lowest L2 norm (Knorm, Devoto et al., arXiv 2406.11430).
 
     Each cached token scores minus the L2 norm of its key, per KV head: low-norm keys draw attention
     and are kept. Scores: [batch, kv_heads, tokens]; higher means keep.
