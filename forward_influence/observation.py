@@ -76,6 +76,14 @@ def attention_received(
     return total
 
 
+def lens_entropy(model, hidden: torch.Tensor, top_k: int = 10) -> torch.Tensor:
+    """Top-k entropy of the logit lens (final norm and output head applied to a layer's residual
+    stream ``[1, tokens, hidden]``): ``[1, tokens]``, computed a chunk of positions at a time."""
+    # .forward, not __call__: the norm's hooks (the runtime records final states there) must not fire.
+    normed = model.get_decoder().norm.forward(hidden.to(model.dtype))
+    return entropies(model, normed[0].float(), top_k=top_k)[0][None]
+
+
 def evolution(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> torch.Tensor:
     """Representation change across a layer, ``1 - cos(h_in, h_out)`` per token: ``[batch, tokens]``."""
     return 1.0 - torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
@@ -102,7 +110,9 @@ class Observation:
     entropy_next[:, p] is the top-k entropy of the distribution at position p (predicting p+1; NaN
     where not yet known), entropy_generated[:, p] that of the distribution that produced token p
     (NaN for the first token), evolution[:, l, p] the change ``1 - cos`` of token p across layer l
-    (NaN where not read). `top_k` is the k of the entropies.
+    (NaN where not read), logit_lens[:, l, p] the top-k entropy of the logit lens after layer l
+    (None unless requested: it costs one output-head pass per layer). `top_k` is the k of the
+    entropies.
     """
 
     layers: list[LayerObservation]
@@ -110,6 +120,7 @@ class Observation:
     entropy_generated: torch.Tensor
     evolution: torch.Tensor
     top_k: int = 10
+    logit_lens: torch.Tensor | None = None
 
     def num_tokens(self, layer: int) -> int:
         return int(self.layers[layer].keys.shape[2])
@@ -135,6 +146,7 @@ def observe(
     window: int = 64,
     top_k: int = 10,
     chunk: int = DEFAULT_CHUNK,
+    logit_lens: bool = False,
 ) -> Observation:
     """The observation of a cache holding `token_ids`, from one traced pass (batch 1)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
@@ -163,4 +175,7 @@ def observe(
             )
         )
     change = torch.stack([evolution(readout.hidden[i], readout.hidden[i + 1]) for i in range(len(layers))], dim=1)
-    return Observation(layers, entropy_next[None], entropy_generated[None], change, top_k=top_k)
+    lens = None
+    if logit_lens:
+        lens = torch.stack([lens_entropy(tracer.model, h, top_k) for h in readout.hidden[1:]], dim=1)
+    return Observation(layers, entropy_next[None], entropy_generated[None], change, top_k=top_k, logit_lens=lens)

@@ -32,10 +32,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
 from forward_influence.logits import entropies
-from forward_influence.observation import LayerObservation, Observation, attention_received, evolution
+from forward_influence.observation import LayerObservation, Observation, attention_received, evolution, lens_entropy
 
 from .budget import Budget, kept_indices
-from .policies import H2O, Policy
+from .policies import Policy
 
 _NAME = "kv_compression_{}"
 _RECORDER = "_kv_compression_cache"
@@ -104,8 +104,9 @@ class CompressedCache(DynamicCache):
         self.last_observation: Observation | None = None
         self._entropy_next: list[torch.Tensor] = []
         self._evolution: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self._lens: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
         self._step_positions: torch.Tensor | None = None
-        self._needs_cumulative = isinstance(policy, H2O)
+        self.needs = policy.requires()
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class CompressedCache(DynamicCache):
         queries = query.detach().float() if state.queries is None else torch.cat([state.queries, query.float()], dim=2)
         positions = q_positions if state.query_positions is None else torch.cat([state.query_positions, q_positions])
         state.queries, state.query_positions = queries[:, :, -self.window :], positions[-self.window :]
-        if self._needs_cumulative:
+        if "cumulative_attention" in self.needs:
             received = attention_received(query, key, q_positions, state.positions, module.scaling)
             old = state.cumulative
             if old is not None:
@@ -127,10 +128,16 @@ class CompressedCache(DynamicCache):
             state.cumulative = received
 
     def record_layer(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
-        self._evolution[layer].append(evolution(hidden_in, hidden_out).detach())
+        if "evolution" in self.needs:
+            self._evolution[layer].append(evolution(hidden_in, hidden_out).detach())
+        if "logit_lens" in self.needs:
+            self._lens[layer].append(lens_entropy(self.model, hidden_out.detach(), self.top_k))
 
     def record_final(self, final: torch.Tensor) -> None:
-        top, _ = entropies(self.model, final[0].float(), top_k=self.top_k)
+        if "entropy" in self.needs:
+            top, _ = entropies(self.model, final[0].float(), top_k=self.top_k)
+        else:  # unread: keep the per-position table aligned without computing logits
+            top = torch.full((final.shape[1],), float("nan"), device=final.device)
         self._entropy_next.append(top[None])
 
     # -- the cache ----------------------------------------------------------------------------
@@ -139,8 +146,7 @@ class CompressedCache(DynamicCache):
         if key_states.shape[0] != 1:
             raise InputError("CompressedCache supports batch size 1 only; generate one sequence at a time")
         if layer_idx == 0:
-            if self.seen and self._due():
-                self.compress()
+            self.maybe_compress()
             new = key_states.shape[2]
             self._step_positions = torch.arange(self.seen, self.seen + new, device=key_states.device)
             self.seen += new
@@ -149,6 +155,14 @@ class CompressedCache(DynamicCache):
             fresh = self._step_positions.expand(1, key_states.shape[1], -1)
             state.positions = fresh if state.positions is None else torch.cat([state.positions, fresh], dim=2)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def maybe_compress(self) -> bool:
+        """Compress if due (after the prefill, or past budget + buffer); `update` calls this at the
+        start of every forward pass. Returns whether it compressed."""
+        if self.seen and self._due():
+            self.compress()
+            return True
+        return False
 
     def _due(self) -> bool:
         if not self.full_layers:
@@ -169,6 +183,9 @@ class CompressedCache(DynamicCache):
         for layer, rows in enumerate(self._evolution):
             if rows:
                 change[:, layer] = torch.cat(rows, dim=1)
+        lens = None
+        if "logit_lens" in self.needs:
+            lens = torch.stack([torch.cat(rows, dim=1) for rows in self._lens], dim=1)
         views = []
         for layer in range(self.num_layers):
             state, cached = self.states[layer], self.layers[layer]
@@ -182,7 +199,7 @@ class CompressedCache(DynamicCache):
                     sliding_window=self.sliding_window if sliding else None,
                 )
             )
-        return Observation(views, entropy_next, generated, change, top_k=self.top_k)
+        return Observation(views, entropy_next, generated, change, top_k=self.top_k, logit_lens=lens)
 
     def compress(self) -> None:
         """Score every full-attention layer and keep `budget_tokens` entries per KV head, physically."""

@@ -64,13 +64,15 @@ def test_eviction_changes_the_generation_so_the_equality_is_not_vacuous():
     assert (torch.stack(out.logits) - torch.stack(full.logits)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("policy", [SnapKV(window=4), H2O(recent=4), InfoKV(window=4)])
+@pytest.mark.parametrize(
+    "policy", [SnapKV(window=4), H2O(recent=4), InfoKV(window=4), InfoKV(window=4, evolution="logit_lens")]
+)
 def test_online_scores_equal_offline_scores(policy):
     loaded = tiny_model("llama")
     prompt = _prompt()
     out, cache = generate(loaded.model, prompt, policy, Budget.parse("0.4"), buffer=100, max_new_tokens=2, pad_token_id=0)
     assert len(cache.compressions) == 1
-    offline = observe(Tracer(loaded), prompt, window=64, top_k=10)
+    offline = observe(Tracer(loaded), prompt, window=64, top_k=10, logit_lens="logit_lens" in policy.requires())
     kept = kept_indices(policy, offline, Budget.parse("0.4"))
     for layer, positions in cache.compressions[0].kept.items():
         assert torch.equal(positions, kept[layer][0]), layer

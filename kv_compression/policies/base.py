@@ -55,9 +55,19 @@ def pool(scores: torch.Tensor, kernel: int, how: str = "avg") -> torch.Tensor:
 
 @dataclass
 class Policy:
-    """Base class: subclasses set `name` (the CLI name) and implement `score`."""
+    """Base class: subclasses set `name` (the CLI name) and implement `score`.
+
+    `needs` names the observation parts beyond keys, values and window queries that `score` reads
+    (``entropy``, ``evolution``, ``cumulative_attention``, ``logit_lens``), so the runtime computes
+    only those.
+    """
 
     name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def requires(self) -> frozenset[str]:
+        """What this instance reads (may depend on its fields, as InfoKV's does)."""
+        return self.needs
 
     def score(self, obs: Observation, layer: int) -> torch.Tensor:
         raise NotImplementedError

@@ -26,6 +26,7 @@ class Entropy(Policy):
     """
 
     name = "entropy"
+    needs = frozenset({"entropy"})
     top_k: int = 10
     alignment: str = "next"
     sinks: int = 4

@@ -22,6 +22,7 @@ class Evolution(Policy):
     """
 
     name = "evolution"
+    needs = frozenset({"evolution"})
     per_layer: bool = False
     sinks: int = 4
     window: int = 32

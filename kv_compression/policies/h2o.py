@@ -15,6 +15,7 @@ class H2O(Policy):
     """
 
     name = "h2o"
+    needs = frozenset({"cumulative_attention"})
     recent: int = 32
     group: str = "mean"
 

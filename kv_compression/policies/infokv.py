@@ -37,7 +37,9 @@ class InfoKV(Policy):
     - A: SnapKV attention (window `window`, pooling `kernel`, mean over each GQA group),
     - E: top-`top_k` entropy under `alignment` (``next`` or ``generated``; unknown counts as the
       largest known value),
-    - V: representation change ``1 - cos`` averaged over layers (``evolution="hidden"``) or none
+    - V: representation change, ``1 - cos`` of the residual stream across each layer averaged over
+      layers (``evolution="hidden"``), or the mean absolute change of the logit-lens top-k entropy
+      from one layer to the next (``"logit_lens"``, nats; one output-head pass per layer), or none
       (``"none"``),
     - N: `normalisation` per layer and KV head over tokens (``zscore`` or ``rank``),
     - w_l: `layer_weighting` of the entropy term, ``uniform`` (1) or ``linear`` (0 at the bottom layer
@@ -58,14 +60,20 @@ class InfoKV(Policy):
     kernel: int = 5
     sinks: int = 4
 
+    def requires(self):
+        extra = {"hidden": {"evolution"}, "logit_lens": {"logit_lens"}}.get(self.evolution, set())
+        return frozenset({"entropy"} | extra)
+
     def score(self, obs, layer):
         attention = SnapKV(window=self.window, kernel=self.kernel).attention(obs, layer)
         entropy = token_entropy(obs, self.alignment)
         entropy = torch.where(torch.isnan(entropy), entropy.nan_to_num(nan=0.0).amax(dim=-1, keepdim=True), entropy)
         if self.evolution == "hidden":
             entropy = entropy * (1 + mean_evolution(obs))
+        elif self.evolution == "logit_lens":
+            entropy = entropy * (1 + obs.logit_lens.diff(dim=1).abs().mean(dim=1))
         elif self.evolution != "none":
-            raise ValueError(f"evolution must be 'hidden' or 'none', got {self.evolution!r}")
+            raise ValueError(f"evolution must be 'hidden', 'logit_lens' or 'none', got {self.evolution!r}")
         if self.layer_weighting == "linear":
             n = len(obs.layers)
             scale = 2 * layer / (n - 1) if n > 1 else 1.0
