@@ -96,6 +96,9 @@ def build_parser() -> Parser:
                    "score_<policy> (mean over layers and KV heads; inf = always kept), keep_share_<policy> (share of "
                    "layer x KV-head slots that keep the token) and kept_<policy> (1 when at least half keep it)")
     p.add_argument("--budget", default="0.25", help="budget of --policy: a ratio in (0, 1] or a token count (default 0.25)")
+    p.add_argument("--head-floor", type=float, default=None,
+                   help="per-head allocation (AdaKV): each KV head keeps at least this share of the uniform "
+                   "per-head budget, the rest goes to the best scores across heads (default: uniform heads)")
     _add_out(p)
 
     p = command("influence", "Forward Influence by distance of signal-chosen sets evicted at time t")
@@ -204,7 +207,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.top_k < 1 or args.window < 1:
         raise InputError("--top-k and --window must be at least 1")
     policies = _policies(args.policy) if args.policy else []
-    budget = _budget(args.budget) if policies else None
+    budget = _budget(args.budget, args.head_floor) if policies else None
     tracer, traces = _tracer_and_traces(args)
     frames = []
     for trace in traces:
@@ -227,17 +230,17 @@ def _policies(text: str) -> list:
     return [POLICIES[n]() for n in names]
 
 
-def _budget(text: str):
+def _budget(text: str, head_floor: float | None = None):
     from kv_compression.budget import Budget
 
-    return Budget.parse(text)
+    return Budget.parse(text, head_floor)
 
 
 def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
     """score_/keep_share_/kept_ columns of each policy for one trace (see `score --help`)."""
     import torch
 
-    from kv_compression.budget import kept_indices
+    from kv_compression.budget import kept_masks
 
     from .observation import observe
 
@@ -246,13 +249,10 @@ def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
     columns = {}
     n = len(token_ids)
     for policy in policies:
-        kept = kept_indices(policy, obs, budget)
-        layers = [l for l, index in enumerate(kept) if index is not None]
+        kept = kept_masks(policy, obs, budget)
+        layers = [l for l, mask in enumerate(kept) if mask is not None]
         scores = torch.stack([policy.score(obs, l)[0] for l in layers])  # [layers, kv_heads, tokens]
-        keep = torch.zeros_like(scores)
-        for row, layer in enumerate(layers):
-            keep[row].scatter_(1, kept[layer][0], 1.0)
-        share = keep.mean(dim=(0, 1))
+        share = torch.stack([kept[l][0] for l in layers]).float().mean(dim=(0, 1))
         columns[f"score_{policy.name}"] = scores.mean(dim=(0, 1)).cpu().numpy()
         columns[f"keep_share_{policy.name}"] = share.cpu().numpy()
         columns[f"kept_{policy.name}"] = (share >= 0.5).int().cpu().numpy()

@@ -85,6 +85,16 @@ def references(model: PreTrainedModel, final: torch.Tensor, chunk: int = DEFAULT
     return References(final, cat(neg_entropy), cat(mean_embedding), cat(bias_term), cat(top1))
 
 
+def topk_entropy(model: PreTrainedModel, final: torch.Tensor, top_k: int = 10, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Top-k entropy alone, ``[tokens]``: only the k largest logits are normalised, so no
+    full-vocabulary softmax is computed (the prefill of a compressed generation pays for this one)."""
+    out = []
+    for start in range(0, final.shape[0], chunk):
+        top_logp = torch.log_softmax(logits_of(model, final[start : start + chunk]).topk(top_k, dim=-1).values, dim=-1)
+        out.append(-(top_logp.exp() * top_logp).sum(-1))
+    return torch.cat(out)
+
+
 def kl_and_agreement(
     model: PreTrainedModel,
     reference: References,

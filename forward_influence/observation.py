@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .logits import DEFAULT_CHUNK, entropies
+from .logits import DEFAULT_CHUNK, topk_entropy
 from .tracer import Tracer
 
 QUERY_CHUNK = 256
@@ -81,7 +81,7 @@ def lens_entropy(model, hidden: torch.Tensor, top_k: int = 10) -> torch.Tensor:
     stream ``[1, tokens, hidden]``): ``[1, tokens]``, computed a chunk of positions at a time."""
     # .forward, not __call__: the norm's hooks (the runtime records final states there) must not fire.
     normed = model.get_decoder().norm.forward(hidden.to(model.dtype))
-    return entropies(model, normed[0].float(), top_k=top_k)[0][None]
+    return topk_entropy(model, normed[0].float(), top_k=top_k)[None]
 
 
 def evolution(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def observe(
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     readout = tracer.run(ids[None], use_cache=True, hidden=True, queries=True)
     positions = torch.arange(len(ids), device=tracer.device)
-    entropy_next, _ = entropies(tracer.model, readout.final[0], top_k=top_k, chunk=chunk)
+    entropy_next = topk_entropy(tracer.model, readout.final[0], top_k=top_k, chunk=chunk)
     entropy_generated = torch.cat([torch.full((1,), float("nan")), entropy_next[:-1]])
     layers = []
     for index, module in enumerate(tracer.model.get_decoder().layers):

@@ -3,8 +3,14 @@
 A budget is a ratio of the cached tokens in (0, 1] or an absolute token count (an integer >= 1, at
 most the number of cached tokens). Per layer, the policy spreads it (uniform, or PyramidKV's
 pyramid); each KV head then keeps its top-scoring tokens, the same number in every head of a layer
-(so the kept entries stay one dense tensor), ties going to the most recent tokens. Sliding-window layers keep their window: they are left
-out of compression.
+(so the kept entries stay one dense tensor), ties going to the most recent tokens. Sliding-window
+layers keep their window: they are left out of compression.
+
+Per-head allocation (AdaKV, Feng et al., arXiv 2407.11550) instead pools a layer's budget over its
+KV heads: every head keeps its top ``floor`` share of the uniform per-head budget, and the rest of
+the layer's ``heads x budget`` slots go to the highest scores across all heads. Heads then keep
+different numbers of tokens, which a dense cache tensor cannot hold: `kept_masks` gives those sets
+for the tracer (measurement, `score`), and the runtime refuses per-head budgets.
 """
 
 from __future__ import annotations
@@ -26,13 +32,19 @@ class Budget:
     """Kept tokens per layer: a ratio ``value`` in (0, 1] (``is_ratio``) or a token count.
 
     `parse` reads ``"0.25"`` or ``"1.0"`` as ratios and ``"256"`` (digits only) as a count.
+    `head_floor` (in [0, 1], or None for uniform heads) turns on per-head allocation (AdaKV).
     """
 
     value: float
     is_ratio: bool
+    head_floor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_floor is not None and not 0 <= self.head_floor <= 1:
+            raise InputError(f"the per-head floor must lie in [0, 1], got {self.head_floor}")
 
     @classmethod
-    def parse(cls, text: str | float) -> "Budget":
+    def parse(cls, text: str | float, head_floor: float | None = None) -> "Budget":
         """``"0.25"`` (a ratio) or ``"256"`` (a count); raises `InputError` on anything else."""
         raw = str(text).strip()
         try:
@@ -44,7 +56,7 @@ class Budget:
             raise InputError(f"budget must be positive, got {raw}")
         if not is_count and number > 1:
             raise InputError(f"a budget ratio must lie in (0, 1], got {raw}")
-        return cls(number, not is_count)
+        return cls(number, not is_count, head_floor)
 
     def tokens(self, n_tokens: int) -> int:
         """Kept tokens for a cache of `n_tokens` (a ratio rounds up, so 1% of 10 tokens keeps one)."""
@@ -55,9 +67,43 @@ class Budget:
         return int(self.value)
 
 
+def kept_masks(policy: Policy, obs: Observation, budget: Budget) -> list[torch.Tensor | None]:
+    """Per layer, a boolean ``[batch, kv_heads, tokens]`` mask of the kept cache entries (None for
+    sliding-window layers); with a per-head budget heads may keep different numbers of tokens."""
+    if budget.head_floor is None:
+        masks = []
+        for index, view in zip(kept_indices(policy, obs, budget), obs.layers):
+            if index is None:
+                masks.append(None)
+                continue
+            mask = torch.zeros(view.keys.shape[:3], dtype=torch.bool, device=index.device)
+            masks.append(mask.scatter_(-1, index, True))
+        return masks
+    uniform = kept_indices(policy, obs, Budget(budget.value, budget.is_ratio))
+    masks = []
+    for layer, index in enumerate(uniform):
+        if index is None:
+            masks.append(None)
+            continue
+        scores = policy.score(obs, layer)
+        b, heads, n = scores.shape
+        k = index.shape[-1]
+        floor = int(budget.head_floor * k)
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        if floor:
+            mask.scatter_(-1, scores.topk(floor, dim=-1).indices, True)
+        rest = scores.masked_fill(mask, float("-inf")).reshape(b, heads * n)
+        pooled = rest.topk(heads * k - heads * floor, dim=-1).indices
+        mask.view(b, heads * n).scatter_(-1, pooled, True)
+        masks.append(mask)
+    return masks
+
+
 def kept_indices(policy: Policy, obs: Observation, budget: Budget) -> list[torch.Tensor | None]:
     """Per layer, the kept cache indices ``[batch, kv_heads, k]`` in ascending order, or None for
-    sliding-window layers (left to their window)."""
+    sliding-window layers (left to their window). Uniform heads only (see `kept_masks`)."""
+    if budget.head_floor is not None:
+        raise InputError("per-head budgets keep different numbers of tokens per head; use kept_masks")
     full = [l for l, view in enumerate(obs.layers) if view.sliding_window is None]
     n = obs.num_tokens(full[0]) if full else 0
     per_layer = policy.layer_budgets(budget.tokens(n), len(obs.layers))
@@ -78,15 +124,17 @@ def kept_indices(policy: Policy, obs: Observation, budget: Budget) -> list[torch
 
 
 def eviction_specs(kept: list[torch.Tensor | None], obs: Observation, time: int) -> list[EvictionSpec]:
-    """The evictions behind `kept` (batch row 0) as tracer specs at eviction time `time`: one spec per
-    layer and KV head whose set is not empty, so the tracer can measure or replay a policy's choice."""
+    """The evictions behind `kept` (batch row 0; index tensors from `kept_indices` or boolean masks
+    from `kept_masks`) as tracer specs at eviction time `time`: one spec per layer and KV head whose
+    set is not empty, so the tracer can measure or replay a policy's choice."""
     specs = []
-    for layer, indices in enumerate(kept):
-        if indices is None:
+    for layer, chosen in enumerate(kept):
+        if chosen is None:
             continue
         positions = obs.layers[layer].positions[0]
-        for head in range(indices.shape[1]):
-            keep = set(positions[head, indices[0, head]].tolist())
+        for head in range(chosen.shape[1]):
+            row = chosen[0, head]
+            keep = set(positions[head][row].tolist() if row.dtype == torch.bool else positions[head, row].tolist())
             evicted = tuple(p for p in positions[head].tolist() if p not in keep)
             if evicted:
                 specs.append(EvictionSpec(evicted, time, layers=(layer,), heads=(head,)))

@@ -31,7 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
-from forward_influence.logits import entropies
+from forward_influence.logits import topk_entropy
 from forward_influence.observation import LayerObservation, Observation, attention_received, evolution, lens_entropy
 
 from .budget import Budget, kept_indices
@@ -89,6 +89,9 @@ class CompressedCache(DynamicCache):
         super().__init__(config=model.config)
         if buffer < 0:
             raise InputError(f"buffer must be >= 0, got {buffer}")
+        if budget.head_floor is not None:
+            raise InputError("per-head budgets (AdaKV) need a ragged cache; the runtime keeps dense caches, "
+                             "so use them with the tracer (score, Forward Influence) only")
         self.model, self.policy, self.budget, self.buffer, self.window = model, policy, budget, buffer, window
         self.top_k = top_k if top_k is not None else getattr(policy, "top_k", 10)
         text = model.config.get_text_config(decoder=True)
@@ -135,7 +138,7 @@ class CompressedCache(DynamicCache):
 
     def record_final(self, final: torch.Tensor) -> None:
         if "entropy" in self.needs:
-            top, _ = entropies(self.model, final[0].float(), top_k=self.top_k)
+            top = topk_entropy(self.model, final[0].float(), top_k=self.top_k)
         else:  # unread: keep the per-position table aligned without computing logits
             top = torch.full((final.shape[1],), float("nan"), device=final.device)
         self._entropy_next.append(top[None])

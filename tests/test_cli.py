@@ -126,6 +126,9 @@ def test_score_with_policies_adds_score_and_kept_columns(capsys, tmp_path):
         assert frame[f"kept_{name}"].isin([0, 1]).all()
         assert frame[f"kept_{name}"].tail(32).all()  # the observation window is always kept
     assert frame.keep_share_snapkv.sum() == pytest.approx(40)  # each layer and head keeps 40 tokens
+    code, _, _ = run(capsys, "score", "essay:gap", "--max-tokens", "64", "--policy", "snapkv", "--budget", "40",
+                     "--head-floor", "0.2", "--out", str(out))
+    assert code == 0 and pd.read_csv(out).keep_share_snapkv.sum() == pytest.approx(40)  # same total, pooled
 
 
 def test_policies_lists_every_policy(capsys):

@@ -150,3 +150,19 @@ def test_kept_set_gathered_per_head_equals_the_tracers_masked_replay(llama, ids,
         clean = llama.model(ids[None]).logits[0, t + 1 :]
     assert (masked - clean).abs().max() > 1e-2  # the eviction matters, so the agreement is not vacuous
     assert len(specs) == 4 * 2 and all(len(s.positions) == 15 for s in specs)  # 30 tokens, budget 0.5
+
+
+def test_per_head_allocation_pools_the_layer_budget_with_a_floor(obs):
+    from kv_compression.budget import kept_masks
+
+    masks = kept_masks(SnapKV(window=4), obs, Budget.parse("10", head_floor=0.5))
+    uniform = kept_masks(SnapKV(window=4), obs, Budget.parse("10"))
+    for mask, flat in zip(masks, uniform):
+        assert mask.sum() == flat.sum() == 2 * 10  # the layer's total is unchanged
+        assert (mask.sum(-1) >= 5).all()  # each head keeps at least its floor
+        assert mask[..., -4:].all()  # the protected window stays
+    assert any(not torch.equal(m, u) for m, u in zip(masks, uniform))
+    specs = eviction_specs(masks, obs, T - 1)
+    assert sum(len(s.positions) for s in specs) == 4 * 2 * T - 4 * 20
+    with pytest.raises(InputError, match="per-head floor"):
+        Budget.parse("10", head_floor=1.5)
