@@ -34,6 +34,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python analyses/benchmarks/bench_tracer.py --quick
+	$(BIN)/python analyses/benchmarks/bench_compression.py --quick
 
 clean:
 	rm -rf $(VENV)

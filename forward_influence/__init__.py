@@ -4,8 +4,9 @@ Modules, in the order a measurement uses them: `models` (load a model), `corpus`
 to study), `eviction` (which keys each query may see), `tracer` (the nnsight pass), `signals`
 (per-token entropy, attention and representation change), `logits` (chunked distributions and
 divergences), `influence` (batched eviction against the clean run), `selection`, `measure`, `scan`
-and `stats` (sets, tables, confidence intervals), `verify` (masking == physical eviction), and
-`cli` (the ``forward-influence`` command).
+and `stats` (sets, tables, confidence intervals), `observation` (what compression policies read),
+`verify` (masking == physical eviction), `generate` (reasoning traces) and `cli` (the
+``forward-influence`` command).
 """
 
 __version__ = "0.1.0"

@@ -1,5 +1,7 @@
 """KV-cache compression: scoring policies, budgets and a cache that evicts during generation.
 
-Built on `forward_influence` (model loading, signals, eviction masks). The package is empty until
-the policies land; see the project's issue tracker.
+`policies` holds one small dataclass per method with a ``score(obs, layer)``; `budget` turns scores
+into kept sets (uniform, pyramid or per-head allocation); `runtime` is the transformers cache that
+records observations online and evicts physically during prefill and decoding. Built on
+`forward_influence` (observations, eviction specs, chunked entropy).
 """
