@@ -47,19 +47,22 @@ def clean_run(tracer: Tracer, token_ids: Sequence[int] | torch.Tensor, hidden: b
     readout = tracer.run(ids[None], use_cache=True, hidden=hidden)
     final = readout.final[0]
     states = None if readout.hidden is None else readout.hidden[:, 0]
-    return CleanRun(ids, final, states, readout.cache, references(tracer.model, final))
+    return CleanRun(ids, final, states, readout.cache, references(tracer.model, final, ids))
 
 
 @dataclass
 class Divergence:
     """Divergence of each evicted run from the clean run, by distance d = 1..D after its eviction time.
 
-    kl, top1_agreement: ``[specs, D]``; hidden_cos, hidden_rel_l2: ``[specs, layers, D]`` or None.
-    Entries whose query would lie past the end of the trace are NaN.
+    kl, top1_agreement: ``[specs, D]``; nll_increase ``[specs, D]``: increase in the negative
+    log-likelihood of the token that follows each query (NaN at the trace's last position);
+    hidden_cos, hidden_rel_l2: ``[specs, layers, D]`` or None. Entries whose query would lie past
+    the end of the trace are NaN.
     """
 
     kl: np.ndarray
     top1_agreement: np.ndarray
+    nll_increase: np.ndarray | None = None
     hidden_cos: np.ndarray | None = None
     hidden_rel_l2: np.ndarray | None = None
 
@@ -71,29 +74,39 @@ class Divergence:
 def evict(
     tracer: Tracer,
     clean: CleanRun,
-    specs: Sequence[EvictionSpec],
+    specs: Sequence[EvictionSpec | Sequence[EvictionSpec]],
     max_distance: int,
     batch_size: int = 8,
     hidden: bool = True,
     progress: bool = False,
 ) -> Divergence:
-    """Run every spec for `max_distance` positions after its eviction time; compare with `clean`."""
+    """Run every row for `max_distance` positions after its eviction time; compare with `clean`.
+
+    A row is one spec or several (e.g. a policy's per-layer, per-head choices); a row's eviction
+    time is the earliest of its specs'.
+    """
     n_tokens = clean.token_ids.shape[0]
     n_layers = tracer.layout.num_layers
-    for spec in specs:
-        tracer.layout.check(spec)
-        if spec.time >= n_tokens - 1:
-            raise ValueError(f"eviction time {spec.time} leaves no position after it (trace has {n_tokens} tokens)")
+    row_times = []
+    for row in specs:
+        row = [row] if isinstance(row, EvictionSpec) else list(row)
+        for spec in row:
+            tracer.layout.check(spec)
+        time = min((spec.time for spec in row), default=-1)
+        if time < 0 or time >= n_tokens - 1:
+            raise ValueError(f"eviction time {time} leaves no position after it (trace has {n_tokens} tokens)")
+        row_times.append(time)
     hidden = hidden and clean.hidden is not None
     kl = np.full((len(specs), max_distance), np.nan)
     agree = np.full_like(kl, np.nan)
+    nll = np.full_like(kl, np.nan)
     cos = np.full((len(specs), n_layers, max_distance), np.nan) if hidden else None
     rel = np.full_like(cos, np.nan) if hidden else None
     device = tracer.device
     batches = range(0, len(specs), batch_size)
     for start in tqdm(batches, desc="evict", unit="batch", disable=not progress, leave=False):
         rows = list(specs[start : start + batch_size])
-        times = torch.tensor([s.time for s in rows], device=device)
+        times = torch.tensor(row_times[start : start + batch_size], device=device)
         length = min(max_distance, n_tokens - 1 - int(times.min()))
         n_cached = int(times.max()) + 1
         offsets = torch.arange(1, length + 1, device=device)
@@ -107,17 +120,19 @@ def evict(
         masks = build_masks(tracer.layout, rows, query_positions, key_positions, key_valid, tracer.dtype)
         cache = expand_cache(clean.cache, n_cached, len(rows))
         out = tracer.run(input_ids, position_ids=query_positions, masks=masks, cache=cache, hidden=hidden)
-        row_kl, row_agree = kl_and_agreement(tracer.model, clean.references, gather[valid], out.final[valid])
+        row_kl, row_agree, row_nll = kl_and_agreement(tracer.model, clean.references, gather[valid], out.final[valid])
         b, d = valid.nonzero(as_tuple=True)
         index = (b + start).cpu().numpy(), (d).cpu().numpy()
         kl[index] = row_kl.cpu().numpy()
         agree[index] = row_agree.float().cpu().numpy()
+        last = gather[valid] == n_tokens - 1  # no following token to score
+        nll[index] = torch.where(last, torch.nan, row_nll).cpu().numpy()
         if hidden:
             # Residual stream after each layer: [layers, B, D, hidden] vs the clean run at the same positions.
             layer_cos, layer_rel = hidden_divergence(clean.hidden[1:][:, gather[valid]], out.hidden[1:][:, valid])
             cos[index[0], :, index[1]] = layer_cos.T.cpu().numpy()
             rel[index[0], :, index[1]] = layer_rel.T.cpu().numpy()
-    return Divergence(kl, agree, cos, rel)
+    return Divergence(kl, agree, nll, cos, rel)
 
 
 def per_distance_frame(divergence: Divergence, labels: Sequence[str], document: str, time: int) -> pd.DataFrame:

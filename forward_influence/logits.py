@@ -59,30 +59,43 @@ class References:
     so each evicted position costs one row of logits and a logsumexp, and the reference needs only
     ``sum p log p`` (`neg_entropy`), the expected output embedding ``p W`` (`mean_embedding`), ``p . b``
     and its top-1 token, per position. Other heads (soft-capped logits) keep the states and recompute.
+    `next_ids` are the tokens that actually follow each position (the last one's is a placeholder)
+    and `next_logp` their log-probabilities under the reference.
     """
 
     final: torch.Tensor
+    next_ids: torch.Tensor
+    next_logp: torch.Tensor
     neg_entropy: torch.Tensor | None = None
     mean_embedding: torch.Tensor | None = None
     bias_term: torch.Tensor | None = None
     top1: torch.Tensor | None = None
 
 
-def references(model: PreTrainedModel, final: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> References:
-    """Summaries of the distributions at every position of `final` ``[positions, hidden]``."""
+def references(
+    model: PreTrainedModel, final: torch.Tensor, token_ids: torch.Tensor, chunk: int = DEFAULT_CHUNK
+) -> References:
+    """Summaries of the distributions at every position of `final` ``[positions, hidden]``, whose
+    input tokens are `token_ids` ``[positions]``."""
     head = _linear_head(model)
-    if head is None:
-        return References(final)
-    neg_entropy, mean_embedding, bias_term, top1 = [], [], [], []
+    next_ids = torch.cat([token_ids[1:], token_ids[-1:]]).to(final.device)
+    neg_entropy, mean_embedding, bias_term, top1, next_logp = [], [], [], [], []
     for start in range(0, final.shape[0], chunk):
         logp = torch.log_softmax(logits_of(model, final[start : start + chunk]), dim=-1)
+        next_logp.append(logp.gather(-1, next_ids[start : start + chunk, None])[:, 0])
+        if head is None:
+            continue
         p = logp.exp()
         neg_entropy.append((p * logp).sum(-1))
         mean_embedding.append(p @ head.weight.float())
         bias_term.append(p @ head.bias.float() if head.bias is not None else torch.zeros(p.shape[0]))
         top1.append(logp.argmax(-1))
+    if head is None:
+        return References(final, next_ids, torch.cat(next_logp))
     cat = torch.cat
-    return References(final, cat(neg_entropy), cat(mean_embedding), cat(bias_term), cat(top1))
+    return References(
+        final, next_ids, cat(next_logp), cat(neg_entropy), cat(mean_embedding), cat(bias_term), cat(top1)
+    )
 
 
 def topk_entropy(model: PreTrainedModel, final: torch.Tensor, top_k: int = 10, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -102,27 +115,31 @@ def kl_and_agreement(
     other: torch.Tensor,
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(reference || other) and top-1 agreement at reference `positions` ``[n]``.
+    """KL(reference || other), top-1 agreement and NLL change at reference `positions` ``[n]``.
 
     `other` holds the final hidden states ``[n, hidden]`` of the compared run at those positions.
-    Returns the KL in nats (clamped at 0 against rounding) and a boolean tensor that is True where
-    both distributions have the same most probable token.
+    Returns the KL in nats (clamped at 0 against rounding), a boolean tensor that is True where both
+    distributions have the same most probable token, and the increase in negative log-likelihood of
+    the token that actually follows (nats; other minus reference).
     """
-    kls, agree = [], []
+    kls, agree, nll = [], [], []
     for start in range(0, other.shape[0], chunk):
         index = positions[start : start + chunk]
         logits = logits_of(model, other[start : start + chunk])
+        lse = logits.logsumexp(-1)
         if reference.neg_entropy is None:
             ref = torch.log_softmax(logits_of(model, reference.final[index]), dim=-1)
-            kl = (ref.exp() * (ref - torch.log_softmax(logits, dim=-1))).sum(-1)
+            kl = (ref.exp() * (ref - (logits - lse[:, None]))).sum(-1)
             top1 = ref.argmax(-1)
         else:
             expected = (reference.mean_embedding[index] * other[start : start + chunk].float()).sum(-1)
-            kl = reference.neg_entropy[index] - expected - reference.bias_term[index] + logits.logsumexp(-1)
+            kl = reference.neg_entropy[index] - expected - reference.bias_term[index] + lse
             top1 = reference.top1[index]
         kls.append(kl.clamp_min(0.0))
         agree.append(top1 == logits.argmax(-1))
-    return torch.cat(kls), torch.cat(agree)
+        other_logp = logits.gather(-1, reference.next_ids[index, None])[:, 0] - lse
+        nll.append(reference.next_logp[index] - other_logp)
+    return torch.cat(kls), torch.cat(agree), torch.cat(nll)
 
 
 def hidden_divergence(reference: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

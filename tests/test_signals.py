@@ -69,12 +69,15 @@ def test_fast_kl_equals_the_direct_kl(llama):
     final = llama.run(ids[None]).final[0]
     other = final + 0.05 * torch.randn_like(final, generator=None)
     positions = torch.arange(len(ids))
-    fast, agree = kl_and_agreement(llama.model, references(llama.model, final), positions, other)
+    fast, agree, nll = kl_and_agreement(llama.model, references(llama.model, final, ids), positions, other)
     p = torch.log_softmax(logits_of(llama.model, final), -1)
     q = torch.log_softmax(logits_of(llama.model, other), -1)
     direct = (p.exp() * (p - q)).sum(-1)
     assert torch.allclose(fast, direct, atol=2e-6)
     assert torch.equal(agree, p.argmax(-1) == q.argmax(-1))
+    following = torch.cat([ids[1:], ids[-1:]])
+    expected = p.gather(-1, following[:, None])[:, 0] - q.gather(-1, following[:, None])[:, 0]
+    assert torch.allclose(nll, expected, atol=1e-5)
 
 
 def test_selection_takes_the_top_fraction_after_the_sinks():
