@@ -17,7 +17,7 @@ from conftest import VOCAB, tiny_model
 def test_fidelity_rows_measure_each_policy_and_budget_against_the_full_cache():
     tracer = Tracer(tiny_model("llama"))
     ids = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(2)).tolist()
-    rows = fidelity_rows(tracer, "doc", ids, {"snapkv": SnapKV(window=4), "random": Random()}, ["0.25", "1.0"],
+    rows = fidelity_rows(tracer, "doc", ids, {"snapkv": SnapKV(window=4), "random": Random(window=4)}, ["0.25", "1.0"],
                          prefix=40, continuation=20, far_from=10)
     frame = pd.DataFrame(rows)
     assert len(frame) == 4 and set(frame.policy) == {"snapkv", "random"}

@@ -45,7 +45,7 @@ def eager(llama, ids):
 
 def test_every_policy_scores_each_kv_head_of_each_layer(obs):
     for name, cls in POLICIES.items():
-        policy = cls(window=4) if name in ("snapkv", "pyramidkv", "rkv", "entropy", "evolution", "infokv") else cls()
+        policy = cls(window=4) if name in ("snapkv", "pyramidkv", "rkv", "entropy", "evolution", "infokv", "random") else cls()
         for layer in range(len(obs.layers)):
             scores = policy.score(obs, layer)
             assert scores.shape == (1, 2, T), name

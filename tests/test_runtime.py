@@ -16,7 +16,7 @@ from forward_influence.errors import InputError
 
 from conftest import VOCAB, tiny_model
 
-WINDOWED = ("snapkv", "pyramidkv", "rkv", "entropy", "evolution", "infokv")
+WINDOWED = ("snapkv", "pyramidkv", "rkv", "entropy", "evolution", "infokv", "random")
 
 
 def _policy(name):

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy
+from .base import Policy, protect
 
 
 @dataclass
@@ -12,13 +12,17 @@ class Random(Policy):
     """Uniform random scores, seeded (the floor every policy must beat).
 
     The generator is seeded with ``seed + layer``, so a layer's draw does not depend on the others.
+    Like the other policies it keeps the first `sinks` and last `window` tokens, so it measures the
+    value of choosing among the rest, not the (large) cost of evicting attention sinks.
     Scores: [batch, kv_heads, tokens]; higher means keep.
     """
 
     name = "random"
     seed: int = 0
+    sinks: int = 4
+    window: int = 32
 
     def score(self, obs, layer):
         keys = obs.layers[layer].keys
         generator = torch.Generator().manual_seed(self.seed + layer)
-        return torch.rand(keys.shape[:3], generator=generator).to(keys.device)
+        return protect(torch.rand(keys.shape[:3], generator=generator).to(keys.device), self.sinks, self.window)
