@@ -121,7 +121,6 @@ def main() -> None:
 
     context, new = (2048, 32) if args.quick else (4096, 64)
     long_prompt = essay_tokens(tokenizer, context)
-    pad = tokenizer.eos_token_id
 
     def decode_rate(policy_budget) -> float:
         """Tokens/s of the decoding steps alone (prefill and its eviction timed apart)."""
