@@ -1,7 +1,7 @@
 """The ``forward-influence`` command line.
 
 Commands: ``essays``, ``score``, ``influence``, ``scan``, ``verify``, ``trace``, ``generate``,
-``policies`` and ``demo``.
+``policies``, ``eval`` and ``demo``.
 Results go to stdout (a table) or ``--out FILE`` (format by extension: .csv, .jsonl, .parquet);
 progress and messages go to stderr; a command that writes files prints the main file's path last.
 Bad input gives one ``error:`` line on stderr and exit code 2; a failure of the run exit code 1
@@ -34,6 +34,7 @@ EXAMPLES = {
     "demo": "forward-influence demo --docs 4 --out demo-run",
     "generate": "forward-influence generate --trace essay:gap --max-tokens 1024 --policy infokv --budget 0.25",
     "policies": "forward-influence policies",
+    "eval": "forward-influence eval --task fidelity --policies infokv,snapkv,h2o,random --budgets 0.1,0.25,0.5 --docs 5",
 }
 
 
@@ -154,6 +155,16 @@ def build_parser() -> Parser:
 
     p = command("policies", "list the compression policies with their rules and fields")
 
+    p = command("eval", "sweep policies x budgets over evaluation tasks (resumable); writes results, summary, figures")
+    p.add_argument("--task", default="fidelity", help="comma-separated tasks (default fidelity)")
+    p.add_argument("--policies", default="infokv,snapkv,h2o,tova,streaming,knorm,rkv,random",
+                   help="comma-separated policy CLI names (default %(default)s)")
+    p.add_argument("--budgets", default="0.1,0.25,0.5", help="comma-separated budgets (default %(default)s)")
+    p.add_argument("--docs", type=int, default=5, help="items per task (default 5)")
+    _add_model(p)
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0); the same seed gives identical CSVs")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
+
     p = command("demo", "the main job: influence by distance for entropy vs attention vs random sets")
     _add_model(p)
     p.add_argument("--docs", type=int, default=4, help="evaluation essays (default 4)")
@@ -220,10 +231,15 @@ def cmd_score(args: argparse.Namespace) -> None:
     _emit(pd.concat(frames, ignore_index=True), args)
 
 
+def _names(text: str) -> list[str]:
+    """Comma-separated names, blanks dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _policies(text: str) -> list:
     from kv_compression.policies import POLICIES
 
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = _names(text)
     unknown = [n for n in names if n not in POLICIES]
     if unknown or not names:
         raise InputError(f"unknown policy {', '.join(unknown) or text!r}; choose from {', '.join(POLICIES)}")
@@ -376,6 +392,21 @@ def cmd_policies(args: argparse.Namespace) -> None:
         print(f"{'':<10} fields: {fields or '(none)'}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from analyses.evaluate import evaluate
+
+    from .models import load_model
+
+    from analyses.evaluate import check_sweep
+
+    tasks, policies, budgets = _names(args.task), _names(args.policies), _names(args.budgets)
+    if args.docs < 1:
+        raise InputError("--docs must be at least 1")
+    check_sweep(tasks, policies, budgets)  # before the model loads
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    print(evaluate(loaded, tasks, policies, budgets, args.docs, args.out, args.seed))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from analyses.demo import run_demo
 
@@ -386,7 +417,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 COMMANDS = {
     "essays": cmd_essays, "score": cmd_score, "influence": cmd_influence, "scan": cmd_scan,
     "verify": cmd_verify, "trace": cmd_trace, "generate": cmd_generate, "policies": cmd_policies,
-    "demo": cmd_demo,
+    "eval": cmd_eval, "demo": cmd_demo,
 }
 
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.fidelity import fidelity_rows, summarize
+from analyses.evaluate import summarize
+from analyses.tasks.fidelity import fidelity_rows
 from forward_influence.tracer import Tracer
 from kv_compression.policies import Random, SnapKV
 
@@ -26,7 +27,7 @@ def test_fidelity_rows_measure_each_policy_and_budget_against_the_full_cache():
     assert (full.top1_agreement == 1).all()
     compressed = frame[frame.budget == "0.25"]
     assert (compressed.kl > 1e-3).all() and (compressed.nll_full > 0).all()
-    table = summarize(frame.assign(document=["a", "a", "b", "b"]))
+    table = summarize(frame.assign(task="fidelity", item=["a", "a", "b", "b"]), ["nll_increase", "kl", "kl_far", "top1_agreement"])
     assert {"nll_increase_mean", "nll_increase_ci_low", "kl_far_mean", "top1_agreement_mean"} <= set(table.columns)
 
 

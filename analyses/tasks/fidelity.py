@@ -12,34 +12,29 @@ For each document, the first `prefix` tokens are observed and compressed by a po
 
 The observation and the clean run are computed once per document and shared by every policy and
 budget. Exact: the compressed run is the tracer's masked replay of the evictions, which equals
-physical eviction (`kv_compression.runtime`).
+physical eviction (`kv_compression.runtime`). Items are the evaluation essays long enough for the
+prefix and the whole continuation.
 
-    python -m analyses.fidelity --docs 5 --policies infokv,snapkv,h2o,random --budgets 0.25,0.5
+    forward-influence eval --task fidelity --policies infokv,snapkv,h2o,random --budgets 0.25,0.5 --docs 5
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
-from tqdm.auto import tqdm
 
 from forward_influence import corpus
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
-from forward_influence.models import DEFAULT_MODEL, load_model
 from forward_influence.observation import observe
-from forward_influence.outputs import write_table
-from forward_influence.stats import mean_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import read_traces
 from kv_compression.budget import Budget, eviction_specs, kept_indices
-from kv_compression.policies import POLICIES, Policy
+from kv_compression.policies import Policy
 
-METRICS = ("nll_increase", "kl", "kl_far", "top1_agreement")
+from . import Item
 
 
 def fidelity_rows(
@@ -70,7 +65,7 @@ def fidelity_rows(
             d = result.distance
             rows.append(
                 dict(
-                    document=document, policy=name, budget=budget, prefix=prefix, continuation=len(ids) - prefix,
+                    item=document, policy=name, budget=budget, prefix=prefix, continuation=len(ids) - prefix,
                     nll_full=n_full,
                     nll_increase=float(np.nanmean(result.nll_increase[0])),
                     kl=float(np.nanmean(result.kl[0])),
@@ -81,49 +76,32 @@ def fidelity_rows(
     return rows
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% t-interval across documents per (policy, budget) for every metric."""
-    rows = []
-    for (policy, budget), group in results.groupby(["policy", "budget"], sort=False):
-        row = dict(policy=policy, budget=budget, n_documents=len(group), nll_full=group.nll_full.mean())
-        for metric in METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(group[metric])
-        rows.append(row)
-    return pd.DataFrame(rows)
+@dataclass
+class Fidelity:
+    """The long-prefill task (see the module docstring)."""
 
+    prefix: int = 1024
+    continuation: int = 256
+    far_from: int = 33
+    name: str = "fidelity"
+    metrics: tuple[str, ...] = ("nll_increase", "kl", "kl_far", "top1_agreement")
+    labels = {
+        "nll_increase": "NLL increase (nats / token)",
+        "kl": "KL(full || compressed) (nats)",
+        "kl_far": "KL at distance >= 33 (nats)",
+        "top1_agreement": "top-1 agreement (share)",
+    }
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--docs", type=int, default=5, help="evaluation essays (default 5)")
-    parser.add_argument("--policies", default="infokv,snapkv,h2o,random")
-    parser.add_argument("--budgets", default="0.25,0.5")
-    parser.add_argument("--prefix", type=int, default=1024)
-    parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=Path("runs/fidelity"))
-    args = parser.parse_args(argv)
-    loaded = load_model(args.model)
-    tracer = Tracer(loaded)
-    policies = {name: POLICIES[name]() for name in args.policies.split(",")}
-    budgets = args.budgets.split(",")
-    rows = []
-    names = [n for n in corpus.essay_names("evaluation")]
-    used = 0
-    for name in tqdm(names, desc="documents"):
-        ids = read_traces(f"essay:{name}", loaded.tokenizer)[0].token_ids
-        if len(ids) < args.prefix + args.continuation:
-            continue  # too short for the prefix and the whole continuation
-        rows += fidelity_rows(tracer, name, ids, policies, budgets, args.prefix, args.continuation)
-        used += 1
-        if used == args.docs:
-            break
-    results = pd.DataFrame(rows)
-    write_table(results, args.out / "results.csv")
-    table = summarize(results)
-    write_table(table, args.out / "summary.csv")
-    print(table.to_string(index=False, float_format="{:.4g}".format))
-    print(args.out / "summary.csv")
+    def items(self, tokenizer, n: int) -> list[Item]:
+        items = []
+        for name in corpus.essay_names("evaluation"):
+            ids = read_traces(f"essay:{name}", tokenizer)[0].token_ids
+            if len(ids) >= self.prefix + self.continuation:
+                items.append(Item(name, ids[: self.prefix + self.continuation]))
+            if len(items) == n:
+                break
+        return items
 
-
-if __name__ == "__main__":
-    main()
+    def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
+        return fidelity_rows(tracer, item.id, item.token_ids, policies, budgets, self.prefix, self.continuation,
+                             self.far_from)

@@ -1,0 +1,124 @@
+"""Policy sweeps over evaluation tasks: resumable, with per-item results, summaries and figures.
+
+`evaluate` runs every (policy, budget) on every item of a task and caches each item's rows in
+``<out>/cache/<model>/<task>/<item>.json``, so an interrupted sweep resumes where it stopped and a
+wider sweep computes only what is missing. It writes ``results.csv`` (one row per task, item,
+policy and budget), ``summary.csv`` (mean and 95% t-interval across items per task, policy and
+budget) and ``<task>.png/.svg`` (each metric against the budget, one line per policy, 95% bands).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib import pyplot as plt
+from tqdm.auto import tqdm
+
+from forward_influence.errors import InputError
+from forward_influence.models import LoadedModel
+from forward_influence.outputs import atomic_open, write_table
+from forward_influence.stats import mean_ci
+from forward_influence.tracer import Tracer
+from kv_compression.budget import Budget
+from kv_compression.policies import POLICIES
+
+from .plotting import save_figure, theme
+from .tasks import Task, registry
+
+
+def _cached_rows(path: Path) -> dict[tuple[str, str], dict]:
+    if not path.is_file():
+        return {}
+    return {(row["policy"], row["budget"]): row for row in json.loads(path.read_text())}
+
+
+def run_task(
+    task: Task, loaded: LoadedModel, policies: Sequence[str], budgets: Sequence[str], n_items: int, out: Path,
+    seed: int = 0, progress: bool = True,
+) -> pd.DataFrame:
+    """Per-item rows of one task, from the cache where present (see the module docstring)."""
+    tracer = Tracer(loaded)
+    cache = out / "cache" / loaded.name.replace("/", "_") / task.name
+    rows = []
+    for item in tqdm(task.items(loaded.tokenizer, n_items), desc=task.name, unit="item", disable=not progress):
+        path = cache / f"{item.id}.json"
+        done = _cached_rows(path)
+        missing = [p for p in policies if any((p, b) not in done for b in budgets)]
+        if missing:
+            torch.manual_seed(seed)
+            fresh = task.run(tracer, item, {p: POLICIES[p]() for p in missing}, budgets)
+            done.update({(row["policy"], row["budget"]): row for row in fresh})
+            with atomic_open(path) as f:
+                json.dump(list(done.values()), f)
+        rows += [dict(task=task.name, **done[(p, b)]) for p in policies for b in budgets]
+    return pd.DataFrame(rows)
+
+
+def summarize(results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean and 95% t-interval across items per (task, policy, budget), with the reference columns
+    (any numeric column named ``*_full``) averaged."""
+    rows = []
+    references = [c for c in results.columns if c.endswith("_full")]
+    for (task, policy, budget), group in results.groupby(["task", "policy", "budget"], sort=False):
+        row = dict(task=task, policy=policy, budget=budget, n_items=len(group))
+        row.update({c: group[c].mean() for c in references})
+        for metric in metrics:
+            row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(group[metric])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_task(results: pd.DataFrame, task: Task, title: str, path: Path, seed: int = 0) -> None:
+    """Each metric against the budget, one line per policy, 95% bootstrap bands across items."""
+    theme()
+    metrics = list(task.metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
+    data = results.assign(budget_value=results.budget.astype(float))
+    for ax, metric in zip(axes[0], metrics):
+        sns.lineplot(data=data, x="budget_value", y=metric, hue="policy", marker="o", errorbar=("ci", 95),
+                     seed=seed, ax=ax, legend=ax is axes[0][-1])
+        ax.set_xlabel("budget (kept share of the prompt)" if all(data.budget_value <= 1) else "budget (tokens)")
+        ax.set_ylabel(task.labels.get(metric, metric))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def check_sweep(tasks: Sequence[str | Task], policies: Sequence[str], budgets: Sequence[str]) -> None:
+    """Raise `InputError` for an unknown task or policy, or an invalid budget."""
+    known = registry()
+    unknown = [t for t in tasks if isinstance(t, str) and t not in known]
+    if unknown or not tasks:
+        raise InputError(f"unknown task {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}")
+    bad = [p for p in policies if p not in POLICIES]
+    if bad or not policies:
+        raise InputError(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}")
+    if not budgets:
+        raise InputError("no budget given")
+    for budget in budgets:
+        Budget.parse(budget)
+
+
+def evaluate(
+    loaded: LoadedModel, tasks: Sequence[str | Task], policies: Sequence[str], budgets: Sequence[str], n_items: int,
+    out: Path, seed: int = 0,
+) -> Path:
+    """Run the sweep over tasks (registered names or task objects); returns the path of ``summary.csv``."""
+    check_sweep(tasks, policies, budgets)
+    known = registry()
+    frames, summaries = [], []
+    for task in tasks:
+        task = known[task] if isinstance(task, str) else task
+        name = task.name
+        results = run_task(task, loaded, policies, budgets, n_items, out, seed)
+        frames.append(results)
+        summaries.append(summarize(results, task.metrics))
+        title = f"{loaded.name}: {name}, {results['item'].nunique()} items; mean and 95% CI across items"
+        plot_task(results, task, title, out / name, seed)
+    write_table(pd.concat(frames, ignore_index=True), out / "results.csv")
+    return write_table(pd.concat(summaries, ignore_index=True), out / "summary.csv")
