@@ -36,5 +36,6 @@ class Task(Protocol):
 
 def registry() -> dict[str, Task]:
     from .fidelity import Fidelity
+    from .needle import Needle
 
-    return {task.name: task for task in (Fidelity(),)}
+    return {task.name: task for task in (Fidelity(), Needle())}
