@@ -10,7 +10,8 @@ a time, so a long prompt never materialises ``[tokens, vocab]`` logits).
 
 Eviction happens at the start of a forward pass, before its queries attend: after the prefill when
 the prompt exceeds the budget, then whenever a layer holds more than budget + `buffer` tokens
-(R-KV's schedule). The budget is fixed at the prefill: a ratio is taken of the prompt length. Each
+(R-KV's schedule). The budget is fixed at the prefill: a ratio is taken of the prompt length, a
+count may exceed the prompt (then only decoding evicts, as for reasoning traces). Each
 KV head keeps the same number of entries (its own top-scoring ones), so the cache stays dense.
 Kept keys keep their RoPE rotation of their original positions (no re-rotation): generation
 passes the original position ids, so compressed generation equals the tracer's masked simulation
@@ -172,7 +173,10 @@ class CompressedCache(DynamicCache):
             return False
         lengths = {l: self.layers[l].keys.shape[2] for l in self.full_layers}
         if self.budget_tokens is None:  # the first check follows the prefill
-            self.budget_tokens = self.budget.tokens(lengths[self.full_layers[0]])
+            # A count larger than the prompt is a decoding budget: nothing is evicted until the cache
+            # outgrows it (a fixed sequence, as `score` reads, refuses such a count instead).
+            prompt = lengths[self.full_layers[0]]
+            self.budget_tokens = self.budget.tokens(prompt) if self.budget.is_ratio else int(self.budget.value)
             self.layer_targets = self.policy.layer_budgets(self.budget_tokens, self.num_layers)
             return any(n > self.layer_targets[l] for l, n in lengths.items())
         return any(n > self.layer_targets[l] + self.buffer for l, n in lengths.items())

@@ -145,7 +145,7 @@ def test_policies_lists_every_policy(capsys):
         (["generate", "hello", "--policy", "snapkv", "--budget", "0"], "budget must be positive"),
         (["generate", "hello", "--policy", "magic", "--budget", "0.5"], "unknown policy 'magic'"),
         (["generate", "--policy", "snapkv", "--budget", "0.5"], "give either a PROMPT or --trace"),
-        (["generate", "--trace", "essay:gap", "--max-tokens", "20", "--policy", "snapkv", "--budget", "500"],
+        (["score", "essay:gap", "--max-tokens", "20", "--policy", "snapkv", "--budget", "500"],
          "larger than the sequence"),
         (["eval", "--task", "needles"], "unknown task needles"),
         (["eval", "--policies", "snapkv,magic"], "unknown policy magic"),

@@ -100,12 +100,15 @@ def test_sampling_and_a_plain_loop_work_and_keep_original_positions():
     assert loaded.model.config._attn_implementation == "sdpa"  # restored after the block
 
 
-def test_batches_and_bad_budgets_are_refused():
+def test_batches_are_refused_and_a_count_above_the_prompt_evicts_only_while_decoding():
     loaded = tiny_model("llama")
     with pytest.raises(InputError, match="batch size 1"):
         generate(loaded.model, torch.zeros(2, 5, dtype=torch.long), SnapKV(), Budget.parse("4"))
-    with pytest.raises(InputError, match="larger than the sequence"):
-        generate(loaded.model, _prompt(10), SnapKV(window=2), Budget.parse("50"), max_new_tokens=2, pad_token_id=0)
+    out, cache = generate(loaded.model, _prompt(10), SnapKV(window=2), Budget.parse("12"), buffer=4,
+                          max_new_tokens=20, min_new_tokens=20, pad_token_id=0)
+    times = [event.time for event in cache.compressions]
+    assert times and min(times) >= 16  # first eviction once the cache outgrows 12 + 4 tokens
+    assert cache.sizes()["kept_tokens"] <= 12 + 4
 
 
 @pytest.mark.slow

@@ -37,5 +37,6 @@ class Task(Protocol):
 def registry() -> dict[str, Task]:
     from .fidelity import Fidelity
     from .needle import Needle
+    from .reasoning import Reasoning
 
-    return {task.name: task for task in (Fidelity(), Needle())}
+    return {task.name: task for task in (Fidelity(), Needle(), Reasoning())}
