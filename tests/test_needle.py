@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from analyses.tasks.needle import Needle, first_integer, with_needle
 from kv_compression.policies import SnapKV
