@@ -26,15 +26,18 @@ from forward_influence.stats import mean_ci
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget
 from kv_compression.policies import POLICIES
+from kv_compression.policies.calibration import make
 
 from .plotting import save_figure, theme
 from .tasks import Task, registry
 
 
-def _cached_rows(path: Path) -> dict[tuple[str, str], dict]:
+def _cached_rows(path: Path, settings: dict[str, str]) -> dict[tuple[str, str], dict]:
+    """Cached rows of an item, except those measured with other settings of the same policy."""
     if not path.is_file():
         return {}
-    return {(row["policy"], row["budget"]): row for row in json.loads(path.read_text())}
+    rows = json.loads(path.read_text())
+    return {(r["policy"], r["budget"]): r for r in rows if r.get("settings") == settings.get(r["policy"])}
 
 
 def run_task(
@@ -44,15 +47,17 @@ def run_task(
     """Per-item rows of one task, from the cache where present (see the module docstring)."""
     tracer = Tracer(loaded)
     cache = out / "cache" / loaded.name.replace("/", "_") / task.name
+    built = {p: make(p, loaded.name) for p in policies}  # InfoKV: the model's calibration, if any
+    settings = {p: repr(policy) for p, policy in built.items()}
     rows = []
     for item in tqdm(task.items(loaded.tokenizer, n_items), desc=task.name, unit="item", disable=not progress):
         path = cache / f"{item.id}.json"
-        done = _cached_rows(path)
+        done = _cached_rows(path, settings)
         missing = [p for p in policies if any((p, b) not in done for b in budgets)]
         if missing:
             torch.manual_seed(seed)
-            fresh = task.run(tracer, item, {p: POLICIES[p]() for p in missing}, budgets)
-            done.update({(row["policy"], row["budget"]): row for row in fresh})
+            fresh = task.run(tracer, item, {p: built[p] for p in missing}, budgets)
+            done.update({(row["policy"], row["budget"]): dict(row, settings=settings[row["policy"]]) for row in fresh})
             with atomic_open(path) as f:
                 json.dump(list(done.values()), f)
         rows += [dict(task=task.name, **done[(p, b)]) for p in policies for b in budgets]

@@ -1,7 +1,7 @@
 """The ``forward-influence`` command line.
 
 Commands: ``essays``, ``score``, ``influence``, ``scan``, ``verify``, ``trace``, ``generate``,
-``policies``, ``eval`` and ``demo``.
+``policies``, ``eval``, ``calibrate`` and ``demo``.
 Results go to stdout (a table) or ``--out FILE`` (format by extension: .csv, .jsonl, .parquet);
 progress and messages go to stderr; a command that writes files prints the main file's path last.
 Bad input gives one ``error:`` line on stderr and exit code 2; a failure of the run exit code 1
@@ -35,6 +35,7 @@ EXAMPLES = {
     "generate": "forward-influence generate --trace essay:gap --max-tokens 1024 --policy infokv --budget 0.25",
     "policies": "forward-influence policies",
     "eval": "forward-influence eval --task fidelity --policies infokv,snapkv,h2o,random --budgets 0.1,0.25,0.5 --docs 5",
+    "calibrate": "forward-influence calibrate --docs 4",
 }
 
 
@@ -165,6 +166,11 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="seed (default 0); the same seed gives identical CSVs")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
 
+    p = command("calibrate", "choose InfoKV's settings by far-distance Forward Influence on the calibration essays")
+    _add_model(p)
+    p.add_argument("--docs", type=int, default=4, help="calibration essays (default 4)")
+    p.add_argument("--budgets", default="0.1,0.25,0.5", help="budgets averaged over (default %(default)s)")
+
     p = command("demo", "the main job: influence by distance for entropy vs attention vs random sets")
     _add_model(p)
     p.add_argument("--docs", type=int, default=4, help="evaluation essays (default 4)")
@@ -217,7 +223,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     if args.top_k < 1 or args.window < 1:
         raise InputError("--top-k and --window must be at least 1")
-    policies = _policies(args.policy) if args.policy else []
+    policies = _policies(args.policy, args.model) if args.policy else []
     budget = _budget(args.budget, args.head_floor) if policies else None
     tracer, traces = _tracer_and_traces(args)
     frames = []
@@ -236,14 +242,16 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _policies(text: str) -> list:
+def _policies(text: str, model: str | None = None) -> list:
+    """Policies by CLI name; InfoKV takes `model`'s calibrated settings when a calibration file exists."""
     from kv_compression.policies import POLICIES
+    from kv_compression.policies.calibration import make
 
     names = _names(text)
     unknown = [n for n in names if n not in POLICIES]
     if unknown or not names:
         raise InputError(f"unknown policy {', '.join(unknown) or text!r}; choose from {', '.join(POLICIES)}")
-    return [POLICIES[n]() for n in names]
+    return [make(n, model) for n in names]
 
 
 def _budget(text: str, head_floor: float | None = None):
@@ -356,7 +364,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if (args.prompt is None) == (args.trace is None):
         raise InputError("give either a PROMPT or --trace FILE")
-    policy = _policies(args.policy)[0]
+    policy = _policies(args.policy, args.model)[0]
     budget = _budget(args.budget)
     if args.max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
@@ -407,6 +415,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(evaluate(loaded, tasks, policies, budgets, args.docs, args.out, args.seed))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from analyses.calibrate import calibrate
+    from kv_compression.policies.calibration import calibration_path
+
+    from .models import load_model
+
+    budgets = _names(args.budgets)
+    for budget in budgets:
+        _budget(budget)
+    if args.docs < 1:
+        raise InputError("--docs must be at least 1")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = calibrate(loaded, budgets, args.docs)
+    print(f"chosen: {result['settings']}", file=sys.stderr)
+    print(calibration_path(loaded.name))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from analyses.demo import run_demo
 
@@ -417,7 +442,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 COMMANDS = {
     "essays": cmd_essays, "score": cmd_score, "influence": cmd_influence, "scan": cmd_scan,
     "verify": cmd_verify, "trace": cmd_trace, "generate": cmd_generate, "policies": cmd_policies,
-    "eval": cmd_eval, "demo": cmd_demo,
+    "eval": cmd_eval, "calibrate": cmd_calibrate, "demo": cmd_demo,
 }
 
 
