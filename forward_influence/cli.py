@@ -269,10 +269,15 @@ def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
     from .observation import observe
 
     window = max([getattr(p, "window", 1) for p in policies] + [64])
-    obs = observe(tracer, token_ids, window=window, top_k=max(getattr(p, "top_k", 10) for p in policies))
+    lens = any("logit_lens" in p.requires() for p in policies)
+    observations = {}  # one per top-k: the entropies depend on it
     columns = {}
     n = len(token_ids)
     for policy in policies:
+        k = getattr(policy, "top_k", 10)
+        if k not in observations:
+            observations[k] = observe(tracer, token_ids, window=window, top_k=k, logit_lens=lens)
+        obs = observations[k]
         kept = kept_masks(policy, obs, budget)
         layers = [l for l, mask in enumerate(kept) if mask is not None]
         scores = torch.stack([policy.score(obs, l)[0] for l in layers])  # [layers, kv_heads, tokens]

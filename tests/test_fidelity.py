@@ -35,3 +35,13 @@ def test_a_document_shorter_than_the_prefix_is_refused():
     tracer = Tracer(tiny_model("llama"))
     with pytest.raises(ValueError, match="not more than"):
         fidelity_rows(tracer, "short", list(range(30)), {"random": Random()}, ["0.5"], prefix=40)
+
+
+def test_each_policy_is_observed_with_its_own_top_k():
+    from kv_compression.policies import Entropy
+
+    tracer = Tracer(tiny_model("llama"))
+    ids = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(2)).tolist()
+    policies = {"k2": Entropy(top_k=2, window=4), "k50": Entropy(top_k=50, window=4)}
+    rows = fidelity_rows(tracer, "doc", ids, policies, ["0.25"], prefix=40, continuation=20, far_from=10)
+    assert rows[0]["kl"] != rows[1]["kl"]  # different k, different entropies, different kept sets

@@ -53,11 +53,16 @@ def fidelity_rows(
         raise ValueError(f"{document} has {len(ids)} tokens, not more than the {prefix}-token prefix")
     t = prefix - 1
     window = max([getattr(p, "window", 1) for p in policies.values()] + [64])
-    obs = observe(tracer, ids[:prefix], window=window, logit_lens=any("logit_lens" in p.requires() for p in policies.values()))
+    lens = any("logit_lens" in p.requires() for p in policies.values())
+    observations = {}  # one observation per top-k the policies ask for (the entropies depend on it)
     clean = clean_run(tracer, ids, hidden=False)
     n_full = -clean.references.next_logp[prefix - 1 : len(ids) - 1].mean().item()
     rows = []
     for name, policy in policies.items():
+        k = getattr(policy, "top_k", 10)
+        if k not in observations:
+            observations[k] = observe(tracer, ids[:prefix], window=window, top_k=k, logit_lens=lens)
+        obs = observations[k]
         for budget in budgets:
             # The empty spec carries the eviction time when a budget keeps everything.
             specs = [EvictionSpec((), t)] + eviction_specs(kept_indices(policy, obs, Budget.parse(budget)), obs, t)
