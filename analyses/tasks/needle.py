@@ -22,11 +22,9 @@ import torch
 from forward_influence import corpus
 from forward_influence.traces import _chat_ids
 from forward_influence.tracer import Tracer
-from kv_compression.budget import Budget
 from kv_compression.policies import Policy
-from kv_compression.runtime import generate
 
-from . import Item
+from . import Item, greedy_completion
 
 QUESTION = "What is the secret passkey? Answer with the number only."
 
@@ -80,16 +78,8 @@ class Needle:
         return items
 
     def answer(self, tracer: Tracer, ids: torch.Tensor, policy: Policy | None, budget: str | None) -> int | None:
-        tokenizer, model = tracer.tokenizer, tracer.model
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if policy is None:
-            with torch.no_grad():
-                output = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], do_sample=False,
-                                        max_new_tokens=self.max_new_tokens, pad_token_id=pad)
-        else:
-            output, _ = generate(model, ids, policy, Budget.parse(budget), buffer=self.buffer,
-                                 max_new_tokens=self.max_new_tokens, pad_token_id=pad)
-        return first_integer(tokenizer.decode(output[0, len(ids):], skip_special_tokens=True))
+        tokens = greedy_completion(tracer, ids, policy, budget, self.max_new_tokens, self.buffer)
+        return first_integer(tracer.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
         ids = torch.tensor(item.token_ids, device=tracer.device)

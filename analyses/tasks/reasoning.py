@@ -28,11 +28,9 @@ import torch
 from forward_influence.generate import INSTRUCTION, last_integer, read_problems
 from forward_influence.tracer import Tracer
 from forward_influence.traces import _chat_ids
-from kv_compression.budget import Budget
 from kv_compression.policies import Policy
-from kv_compression.runtime import generate
 
-from . import Item
+from . import Item, greedy_completion
 
 PROBLEMS = Path(__file__).resolve().parents[2] / "data" / "problems.jsonl"
 
@@ -71,16 +69,7 @@ class Reasoning:
         return items
 
     def complete(self, tracer: Tracer, ids: torch.Tensor, policy: Policy | None, budget: str | None) -> list[int]:
-        tokenizer, model = tracer.tokenizer, tracer.model
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if policy is None:
-            with torch.no_grad():
-                output = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], do_sample=False,
-                                        max_new_tokens=self.max_new_tokens, pad_token_id=pad)
-        else:
-            output, _ = generate(model, ids, policy, Budget.parse(budget), buffer=self.buffer,
-                                 max_new_tokens=self.max_new_tokens, pad_token_id=pad)
-        return output[0, len(ids):].tolist()
+        return greedy_completion(tracer, ids, policy, budget, self.max_new_tokens, self.buffer)
 
     def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
         ids = torch.tensor(item.token_ids, device=tracer.device)
