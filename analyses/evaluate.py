@@ -25,8 +25,7 @@ from forward_influence.outputs import atomic_open, write_table
 from forward_influence.stats import mean_ci
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget
-from kv_compression.policies import POLICIES
-from kv_compression.policies.calibration import make
+from kv_compression.policies.calibration import make, policy_names
 
 from .plotting import save_figure, theme
 from .tasks import Task, registry
@@ -100,9 +99,9 @@ def check_sweep(tasks: Sequence[str | Task], policies: Sequence[str], budgets: S
     unknown = [t for t in tasks if isinstance(t, str) and t not in known]
     if unknown or not tasks:
         raise InputError(f"unknown task {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}")
-    bad = [p for p in policies if p not in POLICIES]
+    bad = [p for p in policies if p not in policy_names()]
     if bad or not policies:
-        raise InputError(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}")
+        raise InputError(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(policy_names())}")
     if not budgets:
         raise InputError("no budget given")
     for budget in budgets:

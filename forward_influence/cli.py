@@ -244,13 +244,12 @@ def _names(text: str) -> list[str]:
 
 def _policies(text: str, model: str | None = None) -> list:
     """Policies by CLI name; InfoKV takes `model`'s calibrated settings when a calibration file exists."""
-    from kv_compression.policies import POLICIES
-    from kv_compression.policies.calibration import make
+    from kv_compression.policies.calibration import make, policy_names
 
     names = _names(text)
-    unknown = [n for n in names if n not in POLICIES]
+    unknown = [n for n in names if n not in policy_names()]
     if unknown or not names:
-        raise InputError(f"unknown policy {', '.join(unknown) or text!r}; choose from {', '.join(POLICIES)}")
+        raise InputError(f"unknown policy {', '.join(unknown) or text!r}; choose from {', '.join(policy_names())}")
     return [make(n, model) for n in names]
 
 
@@ -403,6 +402,7 @@ def cmd_policies(args: argparse.Namespace) -> None:
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
         print(f"{name:<10} {doc}")
         print(f"{'':<10} fields: {fields or '(none)'}")
+    print(f"{'infokv-default':<10} InfoKV with the paper-style defaults above, ignoring any calibration file")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

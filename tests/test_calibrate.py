@@ -31,3 +31,5 @@ def test_calibration_chooses_the_lowest_far_influence_and_infokv_reads_it(tmp_pa
     assert policy == InfoKV(**{k: v for k, v in result["settings"].items()})
     assert "calibrated settings from tiny-llama.json" in capsys.readouterr().err
     assert calibration_module.make("infokv", "another-model") == InfoKV()  # no file: the defaults
+    assert calibration_module.make("infokv-default", "tiny-llama") == InfoKV()  # the defaults despite the file
+    assert "infokv-default" in calibration_module.policy_names()
