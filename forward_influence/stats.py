@@ -67,3 +67,14 @@ def by_bucket(frame: pd.DataFrame, value_columns: Sequence[str], edges: Sequence
         means.insert(4, "distance_hi", int(inside.distance.max()))
         rows.append(means)
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def group_ci(frame: pd.DataFrame, groups: Sequence[str], values: Sequence[str], confidence: float = 0.95) -> pd.DataFrame:
+    """Per group of `groups`: ``n`` rows and ``<value>_mean, <value>_ci_low, <value>_ci_high`` (`mean_ci`)."""
+    rows = []
+    for key, group in frame.groupby(list(groups), sort=False):
+        row = dict(zip(groups, key if isinstance(key, tuple) else (key,)), n=len(group))
+        for value in values:
+            row[f"{value}_mean"], row[f"{value}_ci_low"], row[f"{value}_ci_high"] = mean_ci(group[value], confidence)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,66 @@
+"""The documents an analysis runs on, and a per-document cache that makes long runs resumable.
+
+`evaluation_traces` reads the evaluation essays (never the calibration ones), cut to `max_tokens`.
+`per_document` computes one table per document and keeps it as a pickle under the cache folder,
+keyed by the settings that produced it: an interrupted run resumes where it stopped, a run with
+other settings recomputes, and a rerun reads back the same numbers bit for bit (so its CSVs are
+identical).
+
+Quick mode (environment variable ``FI_QUICK=1``) is for the notebooks under ``make test``: the
+analyses shrink their documents and sets through `quick`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from forward_influence import corpus
+from forward_influence.outputs import atomic_open
+from forward_influence.traces import Trace, read_traces
+
+
+def quick() -> bool:
+    """True when ``FI_QUICK=1``: analyses run on a few short documents."""
+    return os.environ.get("FI_QUICK", "") not in ("", "0")
+
+
+def evaluation_traces(tokenizer, docs: int, max_tokens: int) -> list[Trace]:
+    """The first `docs` evaluation essays, each cut to its first `max_tokens` tokens."""
+    names = corpus.essay_names("evaluation")[:docs]
+    return [read_traces(f"essay:{name}", tokenizer, max_tokens)[0] for name in names]
+
+
+def _file_name(document: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", document) + ".pkl"
+
+
+def per_document(
+    documents: Sequence[Trace],
+    compute: Callable[[Trace], pd.DataFrame],
+    cache: Path | None,
+    key: dict,
+    desc: str = "documents",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """``compute(document)`` for every document, concatenated; cached under `cache` (None: no cache)."""
+    frames = []
+    for document in tqdm(documents, desc=desc, unit="doc", disable=not progress):
+        path = None if cache is None else cache / _file_name(document.id)
+        if path is not None and path.is_file():
+            stored_key, frame = pickle.loads(path.read_bytes())
+            if stored_key == key:
+                frames.append(frame)
+                continue
+        frame = compute(document)
+        if path is not None:
+            with atomic_open(path, "wb") as f:
+                pickle.dump((key, frame), f)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)

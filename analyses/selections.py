@@ -1,0 +1,123 @@
+"""Token-level selections of a trace's prefix: which tokens each signal or policy ranks highest.
+
+The analyses compare rankings of the tokens ``0..t`` known at an eviction time t:
+
+- the raw token signals of `forward_influence.signals` (``entropy_next``, ``entropy_generated``,
+  ``attention_snapkv``, ``attention_h2o``, ``evolution``), averaged over layers and heads;
+- ``infokv``: InfoKV's score (`kv_compression`, with the model's calibrated settings when a
+  calibration file exists), averaged over the full-attention layers and KV heads; the tokens InfoKV
+  always keeps (its sinks and window, scored +inf) are left unranked;
+- ``random``: a seeded uniform draw.
+
+Two uses: `top_sets` picks the top fraction of the candidates ``sinks..t`` (the set whose eviction
+Forward Influence measures), and `kept_sets` is what a compressor at a budget keeps: the first
+`sinks` and last `window` tokens of the prefix plus the best-ranked others up to the budget.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from forward_influence.errors import InputError
+from forward_influence.observation import observe
+from forward_influence.selection import select_top
+from forward_influence.signals import TokenSignals, token_signals
+from forward_influence.tracer import Tracer
+from kv_compression.policies import Policy
+from kv_compression.policies.calibration import make
+
+SIGNAL_SELECTIONS = ("entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution")
+SELECTIONS = (*SIGNAL_SELECTIONS, "infokv", "random")
+LABELS = {
+    "entropy_next": "entropy (next)",
+    "entropy_generated": "entropy (generated)",
+    "attention_snapkv": "SnapKV attention",
+    "attention_h2o": "H2O attention",
+    "evolution": "evolution",
+    "infokv": "InfoKV",
+    "random": "random",
+}
+
+
+def check_selections(names: Sequence[str]) -> list[str]:
+    """`names` if all are known, else `InputError` naming the choices."""
+    unknown = [n for n in names if n not in SELECTIONS]
+    if unknown or not names:
+        raise InputError(f"unknown selection {', '.join(unknown) or '(none)'}; choose from {', '.join(SELECTIONS)}")
+    return list(names)
+
+
+def policy_scores(tracer: Tracer, token_ids: Sequence[int], policy: Policy) -> np.ndarray:
+    """``[tokens]`` mean score of `policy` over full-attention layers and KV heads; protected tokens NaN."""
+    lens = "logit_lens" in policy.requires()
+    obs = observe(tracer, token_ids, window=max(getattr(policy, "window", 1), 1),
+                  top_k=getattr(policy, "top_k", 10), logit_lens=lens)
+    layers = [l for l, w in enumerate(tracer.layout.windows) if w is None] or list(range(len(tracer.layout.windows)))
+    scores = torch.stack([policy.score(obs, l)[0] for l in layers]).float()  # [layers, kv_heads, tokens]
+    scores = torch.where(torch.isfinite(scores), scores, torch.nan)
+    return scores.nanmean(dim=(0, 1)).cpu().numpy()
+
+
+def scores(
+    tracer: Tracer,
+    token_ids: Sequence[int],
+    names: Sequence[str],
+    signals: TokenSignals | None = None,
+    model: str | None = None,
+) -> dict[str, np.ndarray | None]:
+    """Per-token ranking score ``[tokens]`` of each selection (None for ``random``) on `token_ids`.
+
+    `signals` (read on the same tokens) saves the signal pass when the caller has it.
+    """
+    out: dict[str, np.ndarray | None] = {}
+    if any(n in SIGNAL_SELECTIONS for n in names) and signals is None:
+        signals = token_signals(tracer, token_ids)
+    for name in check_selections(names):
+        if name == "random":
+            out[name] = None
+        elif name == "infokv":
+            out[name] = policy_scores(tracer, token_ids, make("infokv", model, quiet=True))
+        else:
+            out[name] = signals.get(name)
+    return out
+
+
+def top_sets(
+    ranking: dict[str, np.ndarray | None], fraction: float, time: int, sinks: int = 4, seed: int = 0
+) -> dict[str, tuple[int, ...]]:
+    """The top `fraction` of the prefix ``0..time`` by each score (see `select_top`)."""
+    return {name: select_top(s, fraction, time, sinks=sinks, seed=seed) for name, s in ranking.items()}
+
+
+def kept_sets(
+    ranking: dict[str, np.ndarray | None], budget: float, time: int, sinks: int = 4, window: int = 32, seed: int = 0
+) -> dict[str, tuple[int, ...]]:
+    """What each ranking keeps of the prefix ``0..time`` at a `budget` share of its tokens.
+
+    Sinks and the last `window` tokens are kept first (as every compressor here does); the best
+    ranked of the others fill the rest. A budget below the protected tokens keeps only those.
+    """
+    if not 0 < budget < 1:
+        raise InputError(f"budget must lie in (0, 1), got {budget}")
+    n = time + 1
+    protected = set(range(min(sinks, n))) | set(range(max(0, n - window), n))
+    free = max(0, round(budget * n) - len(protected))
+    middle = np.array(sorted(set(range(n)) - protected), dtype=int)
+    kept = {}
+    for name, s in ranking.items():
+        if s is None:
+            chosen = np.random.default_rng(seed).choice(middle, size=min(free, len(middle)), replace=False)
+        else:
+            values = np.nan_to_num(np.asarray(s, dtype=float)[middle], nan=-np.inf)
+            chosen = middle[np.argsort(-values, kind="stable")[:free]]
+        kept[name] = tuple(sorted(protected | {int(p) for p in chosen}))
+    return kept
+
+
+def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
+    """|A ∩ B| / |A ∪ B| (1 for two empty sets)."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
