@@ -2,8 +2,8 @@
 
 `evaluation_traces` reads the evaluation essays (never the calibration ones), cut to `max_tokens`.
 `per_document` computes one table per document and keeps it as a pickle under the cache folder,
-keyed by the settings that produced it: an interrupted run resumes where it stopped, a run with
-other settings recomputes, and a rerun reads back the same numbers bit for bit (so its CSVs are
+keyed by the settings and the tokens that produced it: an interrupted run resumes where it
+stopped, a run with other settings or another cut of the document recomputes, and a rerun reads back the same numbers bit for bit (so its CSVs are
 identical).
 
 Quick mode (environment variable ``FI_QUICK=1``) is for the notebooks under ``make test``: the
@@ -54,13 +54,13 @@ def per_document(
     for document in tqdm(documents, desc=desc, unit="doc", disable=not progress):
         path = None if cache is None else cache / _file_name(document.id)
         if path is not None and path.is_file():
-            stored_key, frame = pickle.loads(path.read_bytes())
-            if stored_key == key:
+            stored_key, tokens, frame = pickle.loads(path.read_bytes())
+            if stored_key == key and tokens == list(document.token_ids):
                 frames.append(frame)
                 continue
         frame = compute(document)
         if path is not None:
             with atomic_open(path, "wb") as f:
-                pickle.dump((key, frame), f)
+                pickle.dump((key, list(document.token_ids), frame), f)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)

@@ -1,7 +1,7 @@
 """The ``forward-influence`` command line.
 
-Commands: ``essays``, ``score``, ``influence``, ``scan``, ``verify``, ``trace``, ``generate``,
-``policies``, ``eval``, ``calibrate`` and ``demo``.
+Commands: ``essays``, ``score``, ``influence``, ``scan``, ``compare``, ``heatmap``, ``verify``,
+``trace``, ``generate``, ``policies``, ``eval``, ``calibrate`` and ``demo``.
 Results go to stdout (a table) or ``--out FILE`` (format by extension: .csv, .jsonl, .parquet);
 progress and messages go to stderr; a command that writes files prints the main file's path last.
 Bad input gives one ``error:`` line on stderr and exit code 2; a failure of the run exit code 1
@@ -36,6 +36,8 @@ EXAMPLES = {
     "policies": "forward-influence policies",
     "eval": "forward-influence eval --task fidelity --policies infokv,snapkv,h2o,random --budgets 0.1,0.25,0.5 --docs 5",
     "calibrate": "forward-influence calibrate --docs 4",
+    "compare": "forward-influence compare 'essay:*' --max-tokens 512 --budget 0.25 --out compare-run",
+    "heatmap": "forward-influence heatmap essay:gap --max-tokens 300 --signal policy:infokv --out gap.html",
 }
 
 
@@ -128,6 +130,21 @@ def build_parser() -> Parser:
     p.add_argument("--max-distance", type=int, default=64, help="distances 1..D per token (default 64)")
     p.add_argument("--batch-size", type=int, default=16, help="tokens per batched pass (default 16)")
     _add_out(p)
+
+    p = command("compare", "attention, entropy, evolution and InfoKV selections side by side at a budget")
+    _add_trace(p)
+    _add_model(p)
+    p.add_argument("--budget", type=_fraction, default=0.25, help="share of the prefix each selection keeps (default 0.25)")
+    p.add_argument("--evict-at", type=int, default=None, help="eviction time t (default: middle of each trace)")
+    p.add_argument("--out", type=Path, default=None, help="also write compare.csv, compare_per_document.csv and "
+                   "compare.png/.svg to this folder")
+
+    p = command("heatmap", "the trace's text with every token shaded by a signal (HTML with hover values, or PNG)")
+    _add_trace(p)
+    _add_model(p)
+    p.add_argument("--signal", default="entropy", help="entropy, attention, evolution, fi or policy:NAME (default entropy)")
+    p.add_argument("--budget", default="0.25", help="budget of a policy:NAME signal, whose evicted tokens are marked")
+    p.add_argument("--out", type=Path, required=True, help="FILE.html or FILE.png")
 
     p = command("verify", "check masked eviction == physical eviction on a model (exit 0 when within 1e-3)")
     _add_model(p)
@@ -261,9 +278,7 @@ def _budget(text: str, head_floor: float | None = None):
 
 def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
     """score_/keep_share_/kept_ columns of each policy for one trace (see `score --help`)."""
-    import torch
-
-    from kv_compression.budget import kept_masks
+    from kv_compression.budget import token_view
 
     from .observation import observe
 
@@ -276,12 +291,8 @@ def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
         k = getattr(policy, "top_k", 10)
         if k not in observations:
             observations[k] = observe(tracer, token_ids, window=window, top_k=k, logit_lens=lens)
-        obs = observations[k]
-        kept = kept_masks(policy, obs, budget)
-        layers = [l for l, mask in enumerate(kept) if mask is not None]
-        scores = torch.stack([policy.score(obs, l)[0] for l in layers])  # [layers, kv_heads, tokens]
-        share = torch.stack([kept[l][0] for l in layers]).float().mean(dim=(0, 1))
-        columns[f"score_{policy.name}"] = scores.mean(dim=(0, 1)).cpu().numpy()
+        score, share = token_view(policy, observations[k], budget)
+        columns[f"score_{policy.name}"] = score.cpu().numpy()
         columns[f"keep_share_{policy.name}"] = share.cpu().numpy()
         columns[f"kept_{policy.name}"] = (share >= 0.5).int().cpu().numpy()
     return pd.DataFrame(columns, index=range(n))
@@ -324,6 +335,33 @@ def cmd_scan(args: argparse.Namespace) -> None:
             frame.insert(0, "trace", trace.id)
         frames.append(frame)
     _emit(pd.concat(frames, ignore_index=True), args)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from analyses.compare import compare, display_table
+
+    tracer, traces = _tracer_and_traces(args)
+    table, _ = compare(tracer, traces, args.budget, args.out, args.evict_at, model=args.model)
+    with pd.option_context("display.max_rows", None, "display.width", 250, "display.float_format", "{:.3g}".format):
+        print(display_table(table).to_string(index=False))
+    if args.out is not None:
+        print(args.out / "compare.csv")
+
+
+def cmd_heatmap(args: argparse.Namespace) -> None:
+    from analyses import heatmap
+
+    heatmap.check_signal(args.signal)
+    if args.out.suffix not in (".html", ".png"):
+        raise InputError(f"--out must end in .html or .png, got {args.out.name!r}")
+    if args.signal.startswith("policy:"):
+        _budget(args.budget)
+    tracer, traces = _tracer_and_traces(args)
+    if len(traces) != 1:
+        raise InputError(f"heatmap shows one trace; {args.trace!r} names {len(traces)}")
+    shown = heatmap.heat(tracer, traces[0], args.signal, args.budget, model=args.model)
+    title = f"{args.model}: {traces[0].id}, {len(traces[0])} tokens, shaded by {args.signal}"
+    print(heatmap.write(shown, title, args.out))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -446,6 +484,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "essays": cmd_essays, "score": cmd_score, "influence": cmd_influence, "scan": cmd_scan,
+    "compare": cmd_compare, "heatmap": cmd_heatmap,
     "verify": cmd_verify, "trace": cmd_trace, "generate": cmd_generate, "policies": cmd_policies,
     "eval": cmd_eval, "calibrate": cmd_calibrate, "demo": cmd_demo,
 }

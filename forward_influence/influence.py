@@ -135,10 +135,15 @@ def evict(
     return Divergence(kl, agree, nll, cos, rel)
 
 
+LAYER_BANDS = ("early", "middle", "late")
+
+
 def per_distance_frame(divergence: Divergence, labels: Sequence[str], document: str, time: int) -> pd.DataFrame:
     """Long table ``document, selection, time, distance, kl, top1_agreement, hidden_cos, hidden_rel_l2``.
 
-    The hidden-state columns are means over layers (NaN when hidden states were not read).
+    The hidden-state columns are means over layers (NaN when hidden states were not read);
+    ``hidden_cos_early``, ``hidden_cos_middle`` and ``hidden_cos_late`` are the means over each third
+    of the layers (`LAYER_BANDS`; an empty band, with fewer than three layers, takes the first).
     """
     n_specs, n_dist = divergence.kl.shape
     frame = pd.DataFrame(
@@ -154,4 +159,10 @@ def per_distance_frame(divergence: Divergence, labels: Sequence[str], document: 
     for name in ("hidden_cos", "hidden_rel_l2"):
         values = getattr(divergence, name)
         frame[name] = np.nan if values is None else np.nanmean(values, axis=1).ravel()
+    cos = divergence.hidden_cos
+    if cos is not None:
+        bands = np.array_split(np.arange(cos.shape[1]), len(LAYER_BANDS))
+        bands = [band if len(band) else bands[0] for band in bands]
+    for index, band in enumerate(LAYER_BANDS):
+        frame[f"hidden_cos_{band}"] = np.nan if cos is None else np.nanmean(cos[:, bands[index]], axis=1).ravel()
     return frame.dropna(subset=["kl"]).reset_index(drop=True)

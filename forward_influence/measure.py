@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .eviction import EvictionSpec
-from .influence import clean_run, evict, per_distance_frame
+from .influence import LAYER_BANDS, clean_run, evict, per_distance_frame
 from .selection import canonical, select
 from .signals import TokenSignals, token_signals
 from .stats import DEFAULT_EDGES, by_bucket, mean_ci
@@ -93,14 +93,16 @@ def influence_by_distance(
     return pd.concat(frames, ignore_index=True)
 
 
-VALUES = ("kl", "top1_agreement", "hidden_cos", "hidden_rel_l2")
+BANDS = tuple(f"hidden_cos_{band}" for band in LAYER_BANDS)
+VALUES = ("kl", "top1_agreement", "hidden_cos", "hidden_rel_l2", *BANDS)
 
 
 def summarize(per_distance: pd.DataFrame, edges: Sequence[int] = DEFAULT_EDGES) -> pd.DataFrame:
     """Table by selection and distance bucket: mean and 95% CI of KL, mean agreement and hidden distance.
 
     Columns: ``selection, bucket, distance_lo, distance_hi, kl_mean, kl_ci_low, kl_ci_high,
-    top1_agreement, hidden_cos_mean, hidden_rel_l2_mean, n_documents``.
+    top1_agreement, hidden_cos_mean, hidden_rel_l2_mean, n_documents``, then mean and CI of the
+    hidden-state cosine distance per layer band (``hidden_cos_early_mean``, ``..._ci_low``, ...).
     """
     per_doc = by_bucket(per_distance, VALUES, edges)
     single = per_distance.document.nunique() < 2
@@ -109,9 +111,12 @@ def summarize(per_distance: pd.DataFrame, edges: Sequence[int] = DEFAULT_EDGES) 
         if single:
             lo, hi = group.distance_lo.iloc[0], group.distance_hi.iloc[0]
             inside = per_distance[(per_distance.selection == selection) & per_distance.distance.between(lo, hi)]
-            kl = mean_ci(inside.kl)
         else:
-            kl = mean_ci(group.kl)
+            inside = group
+        kl = mean_ci(inside.kl)
+        bands = {}
+        for band in BANDS:
+            bands[f"{band}_mean"], bands[f"{band}_ci_low"], bands[f"{band}_ci_high"] = mean_ci(inside[band])
         rows.append(
             dict(
                 selection=selection,
@@ -125,6 +130,7 @@ def summarize(per_distance: pd.DataFrame, edges: Sequence[int] = DEFAULT_EDGES) 
                 hidden_cos_mean=group.hidden_cos.mean(),
                 hidden_rel_l2_mean=group.hidden_rel_l2.mean(),
                 n_documents=group.document.nunique(),
+                **bands,
             )
         )
     return pd.DataFrame(rows)

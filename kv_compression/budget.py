@@ -139,3 +139,13 @@ def eviction_specs(kept: list[torch.Tensor | None], obs: Observation, time: int)
             if evicted:
                 specs.append(EvictionSpec(evicted, time, layers=(layer,), heads=(head,)))
     return specs
+
+
+def token_view(policy: Policy, obs: Observation, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token ``[tokens]`` (batch 0): the policy's score averaged over the compressed layers and KV
+    heads (+inf where it always keeps the token), and the share of those layer x head slots that keep it."""
+    kept = kept_masks(policy, obs, budget)
+    layers = [l for l, mask in enumerate(kept) if mask is not None]
+    scores = torch.stack([policy.score(obs, l)[0] for l in layers])  # [layers, kv_heads, tokens]
+    share = torch.stack([kept[l][0] for l in layers]).float().mean(dim=(0, 1))
+    return scores.mean(dim=(0, 1)), share

@@ -65,6 +65,7 @@ def test_influence_table_has_every_selection_and_bucket(llama):
     assert list(table.columns) == [
         "selection", "bucket", "distance_lo", "distance_hi", "kl_mean", "kl_ci_low", "kl_ci_high",
         "top1_agreement", "hidden_cos_mean", "hidden_rel_l2_mean", "n_documents",
+        *[f"hidden_cos_{band}_{stat}" for band in ("early", "middle", "late") for stat in ("mean", "ci_low", "ci_high")],
     ]
     assert len(table) == 4 * 3 and set(table.bucket) == {"1-8", "9-16", "17+"}
     row = table[(table.selection == "random") & (table.bucket == "1-8")].iloc[0]
@@ -73,6 +74,11 @@ def test_influence_table_has_every_selection_and_bucket(llama):
     low, high = stats.t.interval(0.95, 2, loc=doc_means.mean(), scale=stats.sem(doc_means))
     assert (row.kl_ci_low, row.kl_ci_high) == pytest.approx((low, high))
     assert row.n_documents == 3
+    # Layer bands of the 4-layer model: layers {0, 1}, {2}, {3}; their mean is the all-layer mean.
+    bands = per_distance[["hidden_cos_early", "hidden_cos_middle", "hidden_cos_late"]].to_numpy()
+    assert np.allclose(bands @ np.array([2, 1, 1]) / 4, per_distance.hidden_cos)
+    late = per_distance[(per_distance.selection == "random") & (per_distance.distance <= 8)]
+    assert row.hidden_cos_late_mean == pytest.approx(late.groupby("document").hidden_cos_late.mean().mean())
 
 
 def test_eviction_time_beyond_the_trace_is_an_input_error(llama):
