@@ -28,7 +28,7 @@ import seaborn as sns
 from matplotlib import pyplot as plt
 from scipy import stats
 
-from forward_influence.models import DEFAULT_MODEL, load_model
+from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
@@ -124,12 +124,12 @@ def plot(table: pd.DataFrame, fraction: float, title: str, path: Path) -> list[P
 
 
 def run(
-    model: str, traces: Sequence[Trace], out: Path, selections: Sequence[str] = SELECTIONS,
+    model: str | LoadedModel, traces: Sequence[Trace], out: Path, selections: Sequence[str] = SELECTIONS,
     fractions: Sequence[float] = FRACTIONS, seed: int = 0, progress: bool = True,
 ) -> pd.DataFrame:
     """Measure every document (cached), write ``attention_vs_entropy_per_document.csv``,
     ``attention_vs_entropy.csv`` and the figure ``attention_vs_entropy.png/.svg``; returns the summary."""
-    loaded = load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     tracer = Tracer(loaded)
     key = dict(selections=list(selections), fractions=list(fractions), seed=seed)
     frame = per_document(

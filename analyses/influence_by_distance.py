@@ -31,7 +31,7 @@ from matplotlib import pyplot as plt
 from scipy import stats
 
 from forward_influence.measure import BANDS, InfluenceSettings, influence_by_distance, summarize
-from forward_influence.models import DEFAULT_MODEL, load_model
+from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.scan import scan
 from forward_influence.selection import select_top
@@ -68,6 +68,7 @@ def token_frame(
     """One row per token of ``[start, end)``: ``document, position, fi_near, fi_far, <signals>``."""
     ids = trace.token_ids
     fi = scan(tracer, ids[: end + max_distance], start, end, max_distance)
+    window = max(window, make("infokv", model, quiet=True).window)  # InfoKV leaves its own window unranked
     ranking = scores(tracer, ids[: end + window], TOKEN_SIGNALS, model=model)
     frame = fi[["position", "fi_near", "fi_far"]].copy()
     frame.insert(0, "document", trace.id)
@@ -88,6 +89,8 @@ def token_tables(per_token: pd.DataFrame, signals: Sequence[str] = TOKEN_SIGNALS
     for document, doc in per_token.groupby("document", sort=False):
         for signal in signals:
             valid = doc.dropna(subset=[signal])
+            if len(valid) < DECILES:
+                continue
             decile = pd.qcut(valid[signal].rank(method="first"), DECILES, labels=range(1, DECILES + 1))
             means = valid.groupby(decile, observed=True)[["fi_near", "fi_far"]].mean().reset_index(names="decile")
             decile_rows.append(means.assign(document=document, signal=signal))
@@ -168,7 +171,7 @@ def plot_tokens(deciles: pd.DataFrame, correlations: pd.DataFrame, title: str, p
 
 
 def run(
-    model: str,
+    model: str | LoadedModel,
     traces: Sequence[Trace],
     out: Path,
     selections: Sequence[str] = DEFAULT_SELECTIONS,
@@ -180,7 +183,7 @@ def run(
 ) -> dict[str, pd.DataFrame]:
     """Measure both views and write their CSVs and figures to `out` (``scan_tokens=0`` skips the
     per-token view); returns the tables by file stem."""
-    loaded = load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     tracer = Tracer(loaded)
     if settings.evict_at is None:  # one t for every document: the middle of the shortest
         settings = replace(settings, evict_at=min(len(trace) for trace in traces) // 2)

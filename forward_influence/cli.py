@@ -188,12 +188,15 @@ def build_parser() -> Parser:
     p.add_argument("--docs", type=int, default=4, help="calibration essays (default 4)")
     p.add_argument("--budgets", default="0.1,0.25,0.5", help="budgets averaged over (default %(default)s)")
 
-    p = command("demo", "the main job: influence by distance for entropy vs attention vs random sets")
+    p = command("demo", "the main job: influence by distance, attention vs entropy, selections at a budget, a "
+                "heatmap, in one HTML report")
     _add_model(p)
     p.add_argument("--docs", type=int, default=4, help="evaluation essays (default 4)")
     p.add_argument("--max-tokens", type=int, default=768, help="tokens per essay (default 768)")
     p.add_argument("--fraction", type=_fraction, default=0.1, help="share of the prefix evicted (default 0.1)")
     p.add_argument("--evict-at", type=int, default=384, help="eviction time t (default 384)")
+    p.add_argument("--budget", type=_fraction, default=0.25, help="budget of the selection comparison (default 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random selection (default 0)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default demo-<date-time>)")
     return parser
 
@@ -478,8 +481,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from analyses.demo import run_demo
 
+    if args.docs < 1:
+        raise InputError("--docs must be at least 1")
+    if not 0 < args.evict_at < args.max_tokens - 1:
+        raise InputError(f"--evict-at must lie in (0, {args.max_tokens - 1}) for --max-tokens {args.max_tokens}")
     out = args.out or Path(f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    print(run_demo(args.model, out, docs=args.docs, max_tokens=args.max_tokens, fraction=args.fraction, evict_at=args.evict_at))
+    print(run_demo(args.model, out, docs=args.docs, max_tokens=args.max_tokens, fraction=args.fraction,
+                   evict_at=args.evict_at, budget=args.budget, seed=args.seed))
 
 
 COMMANDS = {

@@ -1,0 +1,180 @@
+"""The analyses: POS mapping, selections, attention vs entropy, influence by distance, compare."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from analyses import attention_vs_entropy as ave
+from analyses import compare, influence_by_distance, pos, selections
+from analyses.documents import per_document
+from forward_influence.errors import InputError
+from forward_influence.eviction import EvictionSpec
+from forward_influence.influence import clean_run, evict
+from forward_influence.observation import observe
+from forward_influence.stats import mean_ci
+from forward_influence.traces import Trace
+from kv_compression.policies import InfoKV
+
+from conftest import tiny_model
+
+
+def _trace(n: int, seed: int = 0, name: str = "doc") -> Trace:
+    g = torch.Generator().manual_seed(seed)
+    return Trace(name, torch.randint(1, 96, (n,), generator=g).tolist())
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from forward_influence.tracer import Tracer
+
+    return Tracer(tiny_model("llama"))
+
+
+@pytest.mark.slow
+def test_subword_tokens_take_the_tag_of_their_word(embedded):
+    tok = embedded.tokenizer
+    ids = tok("The quick foxes jumped over the unbelievably lazy dogs.")["input_ids"]
+    pieces = [tok.decode([i]) for i in ids]
+    tags = dict(zip(pieces, pos.token_pos(tok, ids)))
+    assert tags["The"] == "DET" and tags[" foxes"] == "NOUN" and tags[" jumped"] == "VERB" and tags[" over"] == "ADP"
+    word = [p for p in pieces if p.strip() and p.strip() in "unbelievably" and p != " the"]
+    assert len(word) > 1 and {tags[p] for p in word} == {"ADV"}  # one word, several tokens, one tag
+    assert [pos.word_class(t) for t in ("NOUN", "AUX", "PUNCT")] == ["content", "function", "other"]
+
+
+def test_kept_sets_keep_sinks_and_window_then_the_best_ranked():
+    ranking = {"up": np.arange(100.0), "down": -np.arange(100.0), "random": None}
+    kept = selections.kept_sets(ranking, 0.5, 99, sinks=4, window=10)
+    protected = set(range(4)) | set(range(90, 100))
+    assert all(len(k) == 50 and protected <= set(k) for k in kept.values())
+    assert set(kept["up"]) - protected == set(range(54, 90))
+    assert set(kept["down"]) - protected == set(range(4, 40))
+    assert kept["random"] == selections.kept_sets({"random": None}, 0.5, 99, sinks=4, window=10)["random"]
+    assert selections.jaccard(kept["up"], kept["down"]) == pytest.approx(14 / 86)
+    with pytest.raises(InputError, match="budget must lie in"):
+        selections.kept_sets(ranking, 1.5, 99)
+
+
+def test_policy_scores_average_layers_and_heads_and_leave_protected_tokens_unranked(llama):
+    ids = _trace(60).token_ids
+    policy = InfoKV(window=8, sinks=2)
+    got = selections.policy_scores(llama, ids, policy)
+    obs = observe(llama, ids, window=8, top_k=policy.top_k)
+    expected = torch.stack([policy.score(obs, l)[0] for l in range(4)]).mean(dim=(0, 1)).numpy()
+    assert np.isnan(got[:2]).all() and np.isnan(got[-8:]).all()
+    assert np.allclose(got[2:-8], expected[2:-8], atol=1e-6)
+
+
+def test_attention_vs_entropy_numbers_are_the_definitions(llama):
+    trace = _trace(80, name="d0")
+    names = ["entropy_next", "attention_snapkv", "evolution", "random"]
+    frame = ave.document_frame(llama, trace, names, [0.1, 0.25])
+    ranking = selections.scores(llama, trace.token_ids, names)
+    sets = selections.top_sets(ranking, 0.25, 79)
+    value = frame.set_index(["kind", "a", "b", "fraction"]).value
+    assert value[("jaccard", "entropy_next", "evolution", 0.25)] == pytest.approx(
+        selections.jaccard(sets["entropy_next"], sets["evolution"]))
+    assert value[("age", "attention_snapkv", "", 0.25)] == pytest.approx(np.mean([79 - p for p in sets["attention_snapkv"]]))
+    rho = stats.spearmanr(ranking["entropy_next"][4:], ranking["evolution"][4:]).statistic
+    spearman = frame[(frame.kind == "spearman") & (frame.a == "entropy_next") & (frame.b == "evolution")]
+    assert spearman.value.item() == pytest.approx(rho)
+    whole = frame[frame.a == ave.WHOLE].set_index("kind").value
+    assert whole[["content", "function", "other"]].sum() == pytest.approx(1.0)
+    assert not (frame.kind == "spearman").any() or "random" not in set(frame[frame.kind == "spearman"].a)
+
+    second = ave.document_frame(llama, _trace(80, seed=1, name="d1"), names, [0.1, 0.25])
+    table = ave.summarize(pd.concat([frame, second]))
+    row = table[(table.kind == "age") & (table.a == "evolution") & (table.fraction == 0.1)].iloc[0]
+    both = [f[(f.kind == "age") & (f.a == "evolution") & (f.fraction == 0.1)].value.item() for f in (frame, second)]
+    assert (row.value_mean, row.value_ci_low, row.value_ci_high) == pytest.approx(mean_ci(both))
+    assert table[table.kind == "spearman"].fraction.isna().all() and (table.n_documents == 2).all()
+
+
+def test_per_document_cache_resumes_and_recomputes_on_new_settings(tmp_path):
+    calls = []
+
+    def compute(trace):
+        calls.append(trace.id)
+        return pd.DataFrame({"document": [trace.id], "value": [np.random.default_rng(len(calls)).random()]})
+
+    docs = [_trace(5, seed=i, name=f"essay:d{i}") for i in range(2)]
+    first = per_document(docs, compute, tmp_path, {"a": 1}, progress=False)
+    again = per_document(docs, compute, tmp_path, {"a": 1}, progress=False)
+    assert calls == ["essay:d0", "essay:d1"] and first.equals(again)  # read back bit for bit
+    per_document(docs, compute, tmp_path, {"a": 2}, progress=False)
+    per_document([Trace("essay:d0", [1, 2, 3])], compute, tmp_path, {"a": 2}, progress=False)  # other tokens
+    assert calls == ["essay:d0", "essay:d1", "essay:d0", "essay:d1", "essay:d0"]
+
+
+def test_token_tables_rank_a_signal_that_orders_far_influence():
+    rows = []
+    for d in range(3):
+        x = np.random.default_rng(d).random(50)
+        rows.append(pd.DataFrame({"document": f"d{d}", "position": range(50), "fi_near": 1 - x, "fi_far": 2 * x,
+                                  "good": x, "bad": -x}))
+    deciles, correlations = influence_by_distance.token_tables(pd.concat(rows), ["good", "bad"])
+    rho = correlations.set_index(["signal", "target"]).spearman_mean
+    assert rho[("good", "fi_far")] == pytest.approx(1) and rho[("bad", "fi_far")] == pytest.approx(-1)
+    assert rho[("good", "fi_near")] == pytest.approx(-1)
+    good = deciles[deciles.signal == "good"].sort_values("decile")
+    assert len(good) == 10 and good.fi_far_mean.is_monotonic_increasing and (good.n == 3).all()
+
+
+def test_influence_by_distance_run_writes_every_table(llama, tmp_path):
+    from forward_influence.measure import InfluenceSettings
+
+    traces = [_trace(90, seed=i, name=f"d{i}") for i in range(2)]
+    settings = InfluenceSettings(fraction=0.1, evict_at=50, sinks=2, window=8)
+    tables = influence_by_distance.run(tiny_model("llama"), traces, tmp_path, settings=settings, scan_tokens=12,
+                                       scan_distance=36, progress=False)
+    assert set(tables["influence"].selection) == set(influence_by_distance.DEFAULT_SELECTIONS)
+    per_token = tables["per_token"]
+    assert len(per_token) == 2 * 12 and per_token.position.min() == 38 and per_token.fi_far.notna().all()
+    for name in ("influence", "influence_per_distance", "per_token", "per_token_deciles", "per_token_correlations"):
+        assert (tmp_path / f"{name}.csv").is_file()
+    assert (tmp_path / "influence.png").is_file() and (tmp_path / "per_token.png").is_file()
+    before = (tmp_path / "influence.csv").read_bytes()
+    influence_by_distance.run(tiny_model("llama"), traces, tmp_path, settings=settings, scan_tokens=12,
+                              scan_distance=36, progress=False)  # from the cache
+    assert (tmp_path / "influence.csv").read_bytes() == before
+
+
+def test_compare_evicts_each_complement_and_measures_it(llama, tmp_path):
+    trace = _trace(140, name="d0")
+    frame = compare.document_frame(llama, trace, 0.5, evict_at=100)
+    assert list(frame.selection) == list(compare.COMPARED) and (frame.kept == round(0.5 * 101)).all()
+    ranking = selections.scores(llama, trace.token_ids[:101], ["attention_h2o"])
+    kept = selections.kept_sets(ranking, 0.5, 100)["attention_h2o"]
+    spec = EvictionSpec(tuple(sorted(set(range(101)) - set(kept))), 100)
+    kl = evict(llama, clean_run(llama, trace.token_ids, hidden=False), [spec], 39, hidden=False).kl[0]
+    row = frame.set_index("selection").loc["attention_h2o"]
+    assert row.fi_near == pytest.approx(kl[:8].mean()) and row.fi_far == pytest.approx(kl[32:].mean())
+    assert row.jaccard_attention_h2o == 1.0
+    with pytest.raises(InputError, match="must lie in"):
+        compare.document_frame(llama, trace, 0.5, evict_at=139)
+
+
+def test_demo_writes_one_self_contained_report(tmp_path):
+    from analyses.demo import run_demo
+
+    path = run_demo(tiny_model("llama"), tmp_path, docs=2, max_tokens=200, evict_at=120)
+    page = path.read_text()
+    assert path == tmp_path / "report.html"
+    assert [h in page for h in ("1. Influence by distance", "2. Attention vs entropy", "3. Selections at a 25% budget",
+                                "4. Token heatmap", "Summary")] == [True] * 5
+    assert page.count("data:image/png;base64,") == 3 and page.count("<iframe srcdoc=") == 1
+    for name in ("influence/influence.csv", "attention_vs_entropy/attention_vs_entropy.csv", "compare/compare.csv",
+                 "heatmap.html"):
+        assert (tmp_path / name).is_file()
+
+
+def test_compare_cli_rejects_a_bad_budget_in_one_line(capsys):
+    from forward_influence.cli import main
+
+    assert main(["compare", "essay:gap", "--budget", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "fraction must lie in (0, 1)" in err and len(err.splitlines()) == 1
