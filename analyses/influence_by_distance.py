@@ -175,7 +175,7 @@ def run(
     traces: Sequence[Trace],
     out: Path,
     selections: Sequence[str] = DEFAULT_SELECTIONS,
-    settings: InfluenceSettings = InfluenceSettings(),
+    settings: InfluenceSettings | None = None,
     scan_tokens: int = 128,
     scan_distance: int = 64,
     label: str | None = None,
@@ -185,6 +185,7 @@ def run(
     per-token view); returns the tables by file stem."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     tracer = Tracer(loaded)
+    settings = settings or InfluenceSettings()
     if settings.evict_at is None:  # one t for every document: the middle of the shortest
         settings = replace(settings, evict_at=min(len(trace) for trace in traces) // 2)
     cache = out / "cache" / loaded.name.replace("/", "_")
