@@ -1,0 +1,88 @@
+"""Findings: InfoKV, calibrated and with the paper-style defaults, against the best attention baseline.
+
+Reads the per-item ``results.csv`` of `forward-influence eval` runs. For each task and budget it takes
+the task's main metric (fidelity: NLL increase, lower is better; needle: exact match; reasoning:
+agreement with the full-cache completion before the first divergence, higher is better), finds the
+best attention baseline by its mean (SnapKV, H2O, TOVA, PyramidKV, R-KV, whichever were run), and
+reports each InfoKV variant's mean with its 95% t-interval across items and its paired difference
+from that baseline (same items; the interval of the mean difference). The table is written as
+``findings.csv`` and printed as Markdown.
+
+    python -m analyses.findings data/results/smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from forward_influence.outputs import write_table
+from forward_influence.stats import mean_ci
+
+MAIN_METRIC = {"fidelity": ("nll_increase", "lower"), "needle": ("correct", "higher"),
+               "reasoning": ("prefix_agreement", "higher")}
+ATTENTION = ("snapkv", "h2o", "tova", "pyramidkv", "rkv")
+INFOKV = ("infokv", "infokv-default")
+
+
+def findings(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, budget, InfoKV variant); see the module docstring."""
+    rows = []
+    for (task, budget), group in results.groupby(["task", "budget"], sort=False):
+        if task not in MAIN_METRIC:
+            continue
+        metric, better = MAIN_METRIC[task]
+        by_policy = {p: g.set_index("item")[metric] for p, g in group.groupby("policy")}
+        baselines = {p: v.mean() for p, v in by_policy.items() if p in ATTENTION}
+        if not baselines:
+            continue
+        best = (min if better == "lower" else max)(baselines, key=baselines.get)
+        for variant in INFOKV:
+            if variant not in by_policy:
+                continue
+            ours, theirs = by_policy[variant], by_policy[best]
+            mean, low, high = mean_ci(ours)
+            _, best_low, best_high = mean_ci(theirs)
+            difference = mean_ci((ours - theirs.reindex(ours.index)).to_numpy())
+            rows.append(dict(
+                task=task, budget=budget, metric=metric, better=better, infokv=variant, n_items=len(ours),
+                infokv_mean=mean, infokv_ci_low=low, infokv_ci_high=high,
+                baseline=best, baseline_mean=baselines[best], baseline_ci_low=best_low, baseline_ci_high=best_high,
+                difference_mean=difference[0], difference_ci_low=difference[1], difference_ci_high=difference[2],
+            ))
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The findings as a Markdown table (difference = InfoKV - baseline; its sign says who wins)."""
+
+    def ci(row, prefix):
+        return f"{row[f'{prefix}_mean']:.3f} [{row[f'{prefix}_ci_low']:.3f}, {row[f'{prefix}_ci_high']:.3f}]"
+
+    lines = ["| task (metric, better) | budget | InfoKV variant | InfoKV | best attention baseline | "
+             "InfoKV - baseline (paired) |", "| --- | --- | --- | --- | --- | --- |"]
+    for _, row in table.iterrows():
+        lines.append(f"| {row.task} ({row.metric}, {row.better}) | {row.budget} | {row.infokv} | {ci(row, 'infokv')} | "
+                     f"{row.baseline} {ci(row, 'baseline')} | {ci(row, 'difference')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="a folder holding <task>/results.csv or results.csv files")
+    args = parser.parse_args(argv)
+    files = sorted(args.folder.glob("**/results.csv"))
+    if not files:
+        raise SystemExit(f"error: no results.csv under {args.folder}")
+    table = findings(pd.concat([pd.read_csv(f, dtype={"budget": str}) for f in files], ignore_index=True))
+    if table.empty:
+        raise SystemExit(f"error: no InfoKV and attention-baseline rows in {args.folder}")
+    write_table(table, args.folder / "findings.csv")
+    print(markdown(table))
+    print(args.folder / "findings.csv")
+
+
+if __name__ == "__main__":
+    main()
