@@ -79,7 +79,7 @@ def heat(tracer: Tracer, trace: Trace, signal: str, budget: str = "0.25", model:
         if len(ids) < 2:
             raise InputError("the fi signal needs a trace of at least 2 tokens")
         frame = scan(tracer, ids, 0, len(ids), min(FI_DISTANCE, len(ids) - 1))
-        values = frame.fi_total.to_numpy()
+        values = frame.fi_total.to_numpy(copy=True)
         values[-1] = np.nan  # no later query: unknown, not zero
         return Heat(tokens, values, None, UNITS["fi"])
     if signal.startswith("policy:"):

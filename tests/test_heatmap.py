@@ -75,3 +75,14 @@ def test_heatmap_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fi_heat_is_the_scan_total_and_unknown_for_the_last_token():
+    from forward_influence.scan import scan
+
+    tracer = Tracer(tiny_model("qwen2"))
+    trace = Trace("doc", [int(i) for i in np.random.default_rng(1).integers(1, 96, 50)])
+    shown = heatmap.heat(tracer, trace, "fi")
+    expected = scan(tracer, trace.token_ids, 0, 50, 32).fi_total.to_numpy()
+    assert np.isnan(shown.values[-1]) and np.allclose(shown.values[:-1], expected[:-1])
+    assert shown.kept is None and shown.label == heatmap.UNITS["fi"]
