@@ -88,6 +88,7 @@ def plot_task(results: pd.DataFrame, task: Task, title: str, path: Path, seed: i
                      seed=seed, ax=ax, legend=ax is axes[0][-1])
         ax.set_xlabel("budget (kept share of the prompt)" if all(data.budget_value <= 1) else "budget (tokens)")
         ax.set_ylabel(task.labels.get(metric, metric))
+    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title="policy")  # keep the curves clear
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
