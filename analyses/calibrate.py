@@ -93,3 +93,42 @@ def calibrate(
     with atomic_open(path) as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def option_effects(result: dict) -> pd.DataFrame:
+    """How each open choice moves the objective: for every option and value, the mean ``kl_far`` and
+    ``nll_increase`` over all measured settings that use that value (the grid's marginal means)."""
+    ranking = pd.DataFrame(result["ranking"])
+    options = ranking.setting.str.split(",").apply(lambda parts: dict(p.split("=", 1) for p in parts))
+    values = pd.DataFrame(options.tolist())
+    for column in values:  # numeric options sort as numbers
+        numeric = pd.to_numeric(values[column], errors="coerce")
+        if numeric.notna().all():
+            values[column] = numeric
+    grid = pd.concat([ranking, values], axis=1)
+    rows = []
+    for option in options.iloc[0]:
+        means = grid.groupby(option, sort=True)[["kl_far", "nll_increase"]].mean().reset_index(names="value")
+        rows.append(means.assign(option=option))
+    return pd.concat(rows, ignore_index=True)[["option", "value", "kl_far", "nll_increase"]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m analyses.calibrate [MODEL]``: the chosen settings and each option's marginal effect."""
+    import argparse
+
+    from forward_influence.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(description="show a calibration file: the chosen settings and option effects")
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    args = parser.parse_args(argv)
+    path = calibration_path(args.model)
+    if not path.is_file():
+        raise SystemExit(f"error: no calibration file {path}; run `forward-influence calibrate --model {args.model}`")
+    result = json.loads(path.read_text())
+    print(f"{path.name}: {result['settings']} on {len(result['documents'])} essays, budgets {result['budgets']}")
+    print(option_effects(result).to_string(index=False, float_format="{:.4f}".format))
+
+
+if __name__ == "__main__":
+    main()

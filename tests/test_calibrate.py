@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
+import pytest
 import torch
 
-from analyses.calibrate import calibrate, settings_grid
+from analyses.calibrate import calibrate, option_effects, settings_grid
 from kv_compression.policies import InfoKV
 from kv_compression.policies import calibration as calibration_module
 
@@ -33,3 +35,8 @@ def test_calibration_chooses_the_lowest_far_influence_and_infokv_reads_it(tmp_pa
     assert calibration_module.make("infokv", "another-model") == InfoKV()  # no file: the defaults
     assert calibration_module.make("infokv-default", "tiny-llama") == InfoKV()  # the defaults despite the file
     assert "infokv-default" in calibration_module.policy_names()
+    effects = option_effects(result).set_index(["option", "value"])
+    ranking = pd.DataFrame(result["ranking"])
+    for weight in (0.0, 2.0):  # the marginal mean of an option value over the settings that use it
+        expected = ranking[ranking.setting.str.contains(f"weight={weight}")].kl_far.mean()
+        assert effects.loc[("weight", weight), "kl_far"] == pytest.approx(expected)
