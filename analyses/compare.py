@@ -142,6 +142,6 @@ def compare(
         write_table(frame, out / "compare_per_document.csv")
         write_table(table, out / "compare.csv")
         what = traces[0].id if len(traces) == 1 else f"{len(traces)} traces, mean and 95% CI"
-        plot(table, f"{model or tracer.model.name_or_path}: selections keeping {budget:.0%} of the prefix, {what}",
+        plot(table, f"{tracer.name}: selections keeping {budget:.0%} of the prefix, {what}",
              out / "compare")
     return table, frame
