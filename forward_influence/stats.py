@@ -2,7 +2,8 @@
 
 Distances d = q - t count query positions after the eviction time t (d >= 1). The default buckets
 are 1-8, 9-32, 33-128, 129-512 and 513+. Intervals are two-sided 95% Student-t intervals of the mean
-(`scipy.stats.t`); with fewer than two values the interval is NaN.
+(`scipy.stats.t`), Wilson score intervals for shares of 0/1 outcomes; with fewer than two values the
+interval is NaN.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def parse_edges(text: str) -> tuple[int, ...]:
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the Student-t confidence interval of the mean, ignoring NaN."""
+    """Mean and the Student-t confidence interval of the mean, ignoring NaN.
+
+    Values that are all 0 or 1 are a share (exact match, accuracy): they get the Wilson score
+    interval instead, which stays inside [0, 1] and is not degenerate at 0/n or n/n.
+    """
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
     if x.size == 0:
@@ -43,6 +48,9 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     mean = float(x.mean())
     if x.size < 2:
         return mean, np.nan, np.nan
+    if np.isin(x, (0.0, 1.0)).all():
+        interval = stats.binomtest(int(x.sum()), x.size).proportion_ci(confidence, method="wilson")
+        return mean, float(interval.low), float(interval.high)
     sem = stats.sem(x)
     if sem == 0:
         return mean, mean, mean

@@ -1,0 +1,27 @@
+"""Confidence intervals: Student-t for means, Wilson for shares of 0/1 outcomes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from forward_influence.stats import mean_ci
+
+
+def test_mean_ci_is_the_student_t_interval():
+    x = np.array([0.2, 0.5, 0.9, np.nan])
+    low, high = stats.t.interval(0.95, 2, loc=x[:3].mean(), scale=stats.sem(x[:3]))
+    assert mean_ci(x) == pytest.approx((x[:3].mean(), low, high))
+    assert np.isnan(mean_ci([0.3])[1]) and np.isnan(mean_ci([])[0])
+
+
+def test_shares_get_the_wilson_interval_inside_zero_one():
+    # 1 of 9 correct: Wilson 95% interval, z = 1.96 (as a textbook formula)
+    n, k, z = 9, 1, stats.norm.ppf(0.975)
+    p = k / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    assert mean_ci([1] + [0] * 8) == pytest.approx((p, centre - half, centre + half))
+    mean, low, high = mean_ci([1] * 9)
+    assert mean == 1.0 and high == pytest.approx(1.0) and 0.6 < low < 0.75  # not a degenerate [1, 1]
