@@ -89,7 +89,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The printed table: one column per quantity (means when aggregated), selections by label."""
     shown = table.rename(columns=lambda c: c.removesuffix("_mean"))
-    keep = ["selection", *COLUMNS, *[c for c in shown.columns if c.startswith("jaccard_")]]
+    overlaps = [c for c in shown.columns if c.startswith("jaccard_") and not c.endswith(("_ci_low", "_ci_high"))]
+    keep = ["selection", *COLUMNS, *overlaps]
     shown = shown[keep].rename(columns=lambda c: c.replace("jaccard_attention_", "J_").replace("jaccard_", "J_"))
     return shown.assign(selection=shown.selection.map(lambda s: LABELS.get(s, s)))
 
