@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from forward_influence import corpus
+from forward_influence.errors import InputError
 from forward_influence.outputs import atomic_open
 from forward_influence.traces import Trace, read_traces
 
@@ -32,9 +33,33 @@ def quick() -> bool:
 
 
 def evaluation_traces(tokenizer, docs: int, max_tokens: int) -> list[Trace]:
-    """The first `docs` evaluation essays, each cut to its first `max_tokens` tokens."""
-    names = corpus.essay_names("evaluation")[:docs]
-    return [read_traces(f"essay:{name}", tokenizer, max_tokens)[0] for name in names]
+    """`docs` documents of exactly `max_tokens` tokens cut from the evaluation essays.
+
+    Every essay long enough gives its first segment, then the longer essays their second, and so on
+    (round robin in name order), so the documents spread over as many essays as they can (15 of the
+    25 evaluation essays reach 1024 tokens of SmolLM2's tokenizer). A later segment
+    starts with the essay's BOS token when the tokenizer adds one, so every document begins as a
+    text does. Fewer than `docs` documents is an `InputError`.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    texts = {}  # per essay: the BOS token (or nothing) and the text tokens after it
+    for name in corpus.essay_names("evaluation"):
+        ids = read_traces(f"essay:{name}", tokenizer)[0].token_ids
+        texts[name] = (ids[:1], ids[1:]) if bos is not None and ids[:1] == [bos] else ([], ids)
+    traces, segment = [], 0
+    while len(traces) < docs:
+        round_ = []
+        for name, (lead, text) in texts.items():
+            size = max_tokens - len(lead)
+            body = text[segment * size : (segment + 1) * size]
+            if len(body) == size:
+                round_.append(Trace(f"essay:{name}" + (f"#{segment + 1}" if segment else ""), lead + body))
+        if not round_:
+            raise InputError(f"the evaluation essays hold only {len(traces)} documents of {max_tokens} tokens, "
+                             f"not {docs}")
+        traces += round_[: docs - len(traces)]
+        segment += 1
+    return traces
 
 
 def _file_name(document: str) -> str:

@@ -179,3 +179,22 @@ def test_compare_cli_rejects_a_bad_budget_in_one_line(capsys):
     assert main(["compare", "essay:gap", "--budget", "1.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "fraction must lie in (0, 1)" in err and len(err.splitlines()) == 1
+
+
+def test_evaluation_documents_are_full_length_segments_spread_over_essays():
+    from analyses.documents import evaluation_traces
+    from forward_influence import corpus
+    from forward_influence.traces import read_traces
+
+    tokenizer = tiny_model("llama").tokenizer
+    essays = {n: read_traces(f"essay:{n}", tokenizer)[0].token_ids for n in corpus.essay_names("evaluation")}
+    long_enough = [n for n, ids in essays.items() if len(ids) >= 600]
+    docs = evaluation_traces(tokenizer, len(long_enough) + 2, 600)
+    assert all(len(d) == 600 for d in docs)
+    assert [d.id for d in docs[: len(long_enough)]] == [f"essay:{n}" for n in long_enough]  # first segments first
+    second = docs[len(long_enough)]
+    name = second.id.removeprefix("essay:").removesuffix("#2")
+    assert second.id.endswith("#2") and second.token_ids == essays[name][600:1200]
+    total = sum(len(ids) // 600 for ids in essays.values())
+    with pytest.raises(InputError, match=f"hold only {total} documents of 600 tokens"):
+        evaluation_traces(tokenizer, total + 1, 600)
