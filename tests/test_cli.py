@@ -135,7 +135,7 @@ def test_policies_lists_every_policy(capsys):
     code, stdout, _ = run(capsys, "policies")
     names = [line.split()[0] for line in stdout.splitlines() if not line.startswith(" ")]
     assert code == 0 and names == ["streaming", "snapkv", "h2o", "tova", "knorm", "pyramidkv", "rkv", "random",
-                                   "entropy", "evolution", "infokv"]
+                                   "entropy", "evolution", "infokv", "infokv-default"]
 
 
 @pytest.mark.parametrize(
