@@ -21,15 +21,13 @@ from typing import Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from forward_influence import corpus
 from forward_influence.models import LoadedModel
 from forward_influence.outputs import atomic_open
 from forward_influence.tracer import Tracer
-from forward_influence.traces import read_traces
 from kv_compression.policies import InfoKV
 from kv_compression.policies.calibration import calibration_path
 
-from .tasks.fidelity import fidelity_rows
+from .tasks.fidelity import fidelity_rows, long_essays
 
 GRID = dict(
     top_k=(5, 10, 20),
@@ -67,13 +65,7 @@ def calibrate(
     tracer = Tracer(loaded)
     policies = settings_grid(grid)
     if token_ids is None:
-        token_ids = {}
-        for name in corpus.essay_names("calibration"):
-            ids = read_traces(f"essay:{name}", loaded.tokenizer)[0].token_ids
-            if len(ids) >= prefix + continuation:
-                token_ids[name] = ids
-            if len(token_ids) == docs:
-                break
+        token_ids = long_essays(loaded.tokenizer, "calibration", prefix + continuation, docs)
     rows = []
     for name, ids in tqdm(token_ids.items(), desc="calibration essays"):
         rows += fidelity_rows(tracer, name, ids, policies, budgets, prefix, continuation)

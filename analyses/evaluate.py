@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from forward_influence.errors import InputError
 from forward_influence.models import LoadedModel
 from forward_influence.outputs import atomic_open, write_table
-from forward_influence.stats import mean_ci
+from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget
 from kv_compression.policies.calibration import make, policy_names
@@ -66,15 +66,11 @@ def run_task(
 def summarize(results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Mean and 95% t-interval across items per (task, policy, budget), with the reference columns
     (any numeric column named ``*_full``) averaged."""
-    rows = []
+    keys = ["task", "policy", "budget"]
     references = [c for c in results.columns if c.endswith("_full")]
-    for (task, policy, budget), group in results.groupby(["task", "policy", "budget"], sort=False):
-        row = dict(task=task, policy=policy, budget=budget, n_items=len(group))
-        row.update({c: group[c].mean() for c in references})
-        for metric in metrics:
-            row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(group[metric])
-        rows.append(row)
-    return pd.DataFrame(rows)
+    table = group_ci(results, keys, metrics).rename(columns={"n": "n_items"})
+    means = results.groupby(keys, sort=False)[references].mean().reset_index()
+    return table.merge(means, on=keys)[[*keys, "n_items", *references, *table.columns[len(keys) + 1 :]]]
 
 
 def plot_task(results: pd.DataFrame, task: Task, title: str, path: Path, seed: int = 0) -> None:

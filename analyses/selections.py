@@ -26,6 +26,7 @@ from forward_influence.observation import observe
 from forward_influence.selection import select_top
 from forward_influence.signals import TokenSignals, token_signals
 from forward_influence.tracer import Tracer
+from kv_compression.budget import layer_scores
 from kv_compression.policies import Policy
 from kv_compression.policies.calibration import make
 
@@ -55,8 +56,7 @@ def policy_scores(tracer: Tracer, token_ids: Sequence[int], policy: Policy) -> n
     lens = "logit_lens" in policy.requires()
     obs = observe(tracer, token_ids, window=max(getattr(policy, "window", 1), 1),
                   top_k=getattr(policy, "top_k", 10), logit_lens=lens)
-    layers = [l for l, w in enumerate(tracer.layout.windows) if w is None] or list(range(len(tracer.layout.windows)))
-    scores = torch.stack([policy.score(obs, l)[0] for l in layers]).float()  # [layers, kv_heads, tokens]
+    scores = torch.stack([s[0] for s in layer_scores(policy, obs) if s is not None]).float()  # [layers, heads, tokens]
     scores = torch.where(torch.isfinite(scores), scores, torch.nan)
     return scores.nanmean(dim=(0, 1)).cpu().numpy()
 

@@ -67,41 +67,54 @@ class Budget:
         return int(self.value)
 
 
-def kept_masks(policy: Policy, obs: Observation, budget: Budget) -> list[torch.Tensor | None]:
+def kept_masks(
+    policy: Policy, obs: Observation, budget: Budget, scores: list[torch.Tensor | None] | None = None
+) -> list[torch.Tensor | None]:
     """Per layer, a boolean ``[batch, kv_heads, tokens]`` mask of the kept cache entries (None for
-    sliding-window layers); with a per-head budget heads may keep different numbers of tokens."""
+    sliding-window layers); with a per-head budget heads may keep different numbers of tokens.
+    `scores` as in `kept_indices`."""
+    scores = layer_scores(policy, obs) if scores is None else scores
     if budget.head_floor is None:
         masks = []
-        for index, view in zip(kept_indices(policy, obs, budget), obs.layers):
+        for index, view in zip(kept_indices(policy, obs, budget, scores), obs.layers):
             if index is None:
                 masks.append(None)
                 continue
             mask = torch.zeros(view.keys.shape[:3], dtype=torch.bool, device=index.device)
             masks.append(mask.scatter_(-1, index, True))
         return masks
-    uniform = kept_indices(policy, obs, Budget(budget.value, budget.is_ratio))
+    uniform = kept_indices(policy, obs, Budget(budget.value, budget.is_ratio), scores)
     masks = []
     for layer, index in enumerate(uniform):
         if index is None:
             masks.append(None)
             continue
-        scores = policy.score(obs, layer)
-        b, heads, n = scores.shape
+        layer_score = scores[layer]
+        b, heads, n = layer_score.shape
         k = index.shape[-1]
         floor = int(budget.head_floor * k)
-        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask = torch.zeros_like(layer_score, dtype=torch.bool)
         if floor:
-            mask.scatter_(-1, scores.topk(floor, dim=-1).indices, True)
-        rest = scores.masked_fill(mask, float("-inf")).reshape(b, heads * n)
+            mask.scatter_(-1, layer_score.topk(floor, dim=-1).indices, True)
+        rest = layer_score.masked_fill(mask, float("-inf")).reshape(b, heads * n)
         pooled = rest.topk(heads * k - heads * floor, dim=-1).indices
         mask.view(b, heads * n).scatter_(-1, pooled, True)
         masks.append(mask)
     return masks
 
 
-def kept_indices(policy: Policy, obs: Observation, budget: Budget) -> list[torch.Tensor | None]:
+def layer_scores(policy: Policy, obs: Observation) -> list[torch.Tensor | None]:
+    """Per layer, the policy's scores ``[batch, kv_heads, tokens]``, or None for sliding-window layers."""
+    return [None if view.sliding_window is not None else policy.score(obs, layer) for layer, view in enumerate(obs.layers)]
+
+
+def kept_indices(
+    policy: Policy, obs: Observation, budget: Budget, scores: list[torch.Tensor | None] | None = None
+) -> list[torch.Tensor | None]:
     """Per layer, the kept cache indices ``[batch, kv_heads, k]`` in ascending order, or None for
-    sliding-window layers (left to their window). Uniform heads only (see `kept_masks`)."""
+    sliding-window layers (left to their window). Uniform heads only (see `kept_masks`).
+    `scores` (from `layer_scores`) saves scoring again when the caller has them."""
+    scores = layer_scores(policy, obs) if scores is None else scores
     if budget.head_floor is not None:
         raise InputError("per-head budgets keep different numbers of tokens per head; use kept_masks")
     full = [l for l, view in enumerate(obs.layers) if view.sliding_window is None]
@@ -113,11 +126,10 @@ def kept_indices(policy: Policy, obs: Observation, budget: Budget) -> list[torch
             kept.append(None)
             continue
         n = obs.num_tokens(layer)
-        scores = policy.score(obs, layer)
         # Ties (protected tokens score +inf alike) go to the most recent: sort newest first, then
         # stably by score.
         newest_first = obs.layers[layer].positions.argsort(dim=-1, descending=True)
-        order = scores.gather(-1, newest_first).sort(dim=-1, descending=True, stable=True).indices
+        order = scores[layer].gather(-1, newest_first).sort(dim=-1, descending=True, stable=True).indices
         top = newest_first.gather(-1, order[..., : min(max(k, 1), n)])
         kept.append(top.sort(dim=-1).values)
     return kept
@@ -144,8 +156,9 @@ def eviction_specs(kept: list[torch.Tensor | None], obs: Observation, time: int)
 def token_view(policy: Policy, obs: Observation, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token ``[tokens]`` (batch 0): the policy's score averaged over the compressed layers and KV
     heads (+inf where it always keeps the token), and the share of those layer x head slots that keep it."""
-    kept = kept_masks(policy, obs, budget)
+    scores = layer_scores(policy, obs)
+    kept = kept_masks(policy, obs, budget, scores)
     layers = [l for l, mask in enumerate(kept) if mask is not None]
-    scores = torch.stack([policy.score(obs, l)[0] for l in layers])  # [layers, kv_heads, tokens]
+    stacked = torch.stack([scores[l][0] for l in layers])  # [layers, kv_heads, tokens]
     share = torch.stack([kept[l][0] for l in layers]).float().mean(dim=(0, 1))
-    return scores.mean(dim=(0, 1)), share
+    return stacked.mean(dim=(0, 1)), share

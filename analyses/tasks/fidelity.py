@@ -31,10 +31,22 @@ from forward_influence.influence import clean_run, evict
 from forward_influence.observation import observe
 from forward_influence.tracer import Tracer
 from forward_influence.traces import read_traces
-from kv_compression.budget import Budget, eviction_specs, kept_indices
+from kv_compression.budget import Budget, eviction_specs, kept_indices, layer_scores
 from kv_compression.policies import Policy
 
 from . import Item
+
+
+def long_essays(tokenizer, split: str, tokens: int, n: int) -> dict[str, list[int]]:
+    """The first `n` essays of `split` with at least `tokens` tokens, each cut to its first `tokens`."""
+    essays = {}
+    for name in corpus.essay_names(split):
+        ids = read_traces(f"essay:{name}", tokenizer)[0].token_ids
+        if len(ids) >= tokens:
+            essays[name] = ids[:tokens]
+        if len(essays) == n:
+            break
+    return essays
 
 
 def fidelity_rows(
@@ -63,9 +75,11 @@ def fidelity_rows(
         if k not in observations:
             observations[k] = observe(tracer, ids[:prefix], window=window, top_k=k, logit_lens=lens)
         obs = observations[k]
+        scores = layer_scores(policy, obs)  # scored once, selected at every budget
         for budget in budgets:
+            kept = kept_indices(policy, obs, Budget.parse(budget), scores)
             # The empty spec carries the eviction time when a budget keeps everything.
-            specs = [EvictionSpec((), t)] + eviction_specs(kept_indices(policy, obs, Budget.parse(budget)), obs, t)
+            specs = [EvictionSpec((), t)] + eviction_specs(kept, obs, t)
             result = evict(tracer, clean, [specs], len(ids) - prefix, hidden=False)
             d = result.distance
             rows.append(
@@ -98,14 +112,8 @@ class Fidelity:
     }
 
     def items(self, tokenizer, n: int) -> list[Item]:
-        items = []
-        for name in corpus.essay_names("evaluation"):
-            ids = read_traces(f"essay:{name}", tokenizer)[0].token_ids
-            if len(ids) >= self.prefix + self.continuation:
-                items.append(Item(name, ids[: self.prefix + self.continuation]))
-            if len(items) == n:
-                break
-        return items
+        essays = long_essays(tokenizer, "evaluation", self.prefix + self.continuation, n)
+        return [Item(name, ids) for name, ids in essays.items()]
 
     def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
         return fidelity_rows(tracer, item.id, item.token_ids, policies, budgets, self.prefix, self.continuation,
