@@ -12,7 +12,8 @@ t-intervals across documents:
   (`forward_influence.scan`), giving its near (d = 1..8) and far (d >= 33) Forward Influence. Each
   signal, read as a compressor at ``t + window`` would see it, is cut into deciles per document:
   the mean FI per decile shows whether a signal predicts far influence, and the Spearman correlation
-  of each signal with ``fi_near`` and ``fi_far`` says by how much.
+  of each signal with ``fi_near`` and ``fi_far`` says by how much; the paired table says whether
+  entropy (or InfoKV) ranks a token's influence better than attention does on the same documents.
 
     python -m analyses.influence_by_distance --docs 20 --out runs/influence
 """
@@ -48,6 +49,7 @@ DEFAULT_SELECTIONS = (
     "entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution", "infokv", "random",
 )
 TOKEN_SIGNALS = ("entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution", "infokv")
+ATTENTION_SIGNALS = ("attention_snapkv", "attention_h2o")
 DECILES = 10
 
 
@@ -77,13 +79,18 @@ def token_frame(
     return frame
 
 
-def token_tables(per_token: pd.DataFrame, signals: Sequence[str] = TOKEN_SIGNALS) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(deciles, correlations) across documents.
+def token_tables(
+    per_token: pd.DataFrame, signals: Sequence[str] = TOKEN_SIGNALS, attention: Sequence[str] = ATTENTION_SIGNALS
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(deciles, correlations, paired) across documents.
 
     deciles: ``signal, decile (1 = lowest), n, fi_near_*, fi_far_*`` — per document the tokens are cut
     into deciles of the signal, the FI is averaged per decile, then mean and CI across documents.
     correlations: ``signal, target, n, spearman_mean, spearman_ci_low, spearman_ci_high`` — the
     Spearman correlation of the signal with the target per document, then mean and CI.
+    paired: ``signal, against, target, n, difference_mean, difference_ci_low, difference_ci_high`` —
+    each non-attention signal's Spearman minus each `attention` signal's on the same document, then
+    mean and CI: a positive interval says the signal ranks that influence better than the attention.
     """
     decile_rows, correlation_rows = [], []
     for document, doc in per_token.groupby("document", sort=False):
@@ -99,8 +106,18 @@ def token_tables(per_token: pd.DataFrame, signals: Sequence[str] = TOKEN_SIGNALS
                 rho = stats.spearmanr(both[signal], both[target]).statistic
                 correlation_rows.append(dict(document=document, signal=signal, target=target, spearman=rho))
     deciles = group_ci(pd.concat(decile_rows, ignore_index=True), ["signal", "decile"], ["fi_near", "fi_far"])
-    correlations = group_ci(pd.DataFrame(correlation_rows), ["signal", "target"], ["spearman"])
-    return deciles, correlations
+    rhos = pd.DataFrame(correlation_rows)
+    correlations = group_ci(rhos, ["signal", "target"], ["spearman"])
+    wide = rhos.pivot(index=["document", "target"], columns="signal", values="spearman")
+    against = [a for a in attention if a in wide]
+    differences = [
+        pd.DataFrame({"signal": signal, "against": other, "target": wide.index.get_level_values("target"),
+                      "difference": (wide[signal] - wide[other]).to_numpy()})
+        for signal in signals if signal in wide and signal not in attention for other in against
+    ]
+    paired = (group_ci(pd.concat(differences, ignore_index=True), ["signal", "against", "target"], ["difference"])
+              if differences else pd.DataFrame())
+    return deciles, correlations, paired
 
 
 def _errorbars(ax, x, rows, column, **kwargs):
@@ -211,9 +228,10 @@ def run(
             cache / "tokens", dict(start=start, end=t, distance=scan_distance, window=settings.window),
             "per-token influence", progress,
         )
-        deciles, correlations = token_tables(per_token)
-        tables.update(per_token=per_token, per_token_deciles=deciles, per_token_correlations=correlations)
-        for name in ("per_token", "per_token_deciles", "per_token_correlations"):
+        deciles, correlations, paired = token_tables(per_token)
+        tables.update(per_token=per_token, per_token_deciles=deciles, per_token_correlations=correlations,
+                      per_token_paired=paired)
+        for name in ("per_token", "per_token_deciles", "per_token_correlations", "per_token_paired"):
             write_table(tables[name], out / f"{name}.csv")
         plot_tokens(deciles, correlations, f"{loaded.name}: each token of positions {start}-{t - 1} evicted alone, "
                                            f"{label}", out / "per_token")
@@ -238,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = InfluenceSettings(fraction=args.fraction, evict_at=args.evict_at, seed=args.seed)
     tables = run(args.model, traces, args.out, settings=settings, scan_tokens=args.scan_tokens,
                  scan_distance=args.scan_distance)
-    for name in ("influence", "per_token_correlations"):
+    for name in ("influence", "per_token_correlations", "per_token_paired"):
         if name in tables:
             print(tables[name].to_string(index=False, float_format="{:.3g}".format))
     print(args.out / "influence.csv")

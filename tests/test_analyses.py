@@ -116,10 +116,15 @@ def test_token_tables_rank_a_signal_that_orders_far_influence():
         x = np.random.default_rng(d).random(50)
         rows.append(pd.DataFrame({"document": f"d{d}", "position": range(50), "fi_near": 1 - x, "fi_far": 2 * x,
                                   "good": x, "bad": -x}))
-    deciles, correlations = influence_by_distance.token_tables(pd.concat(rows), ["good", "bad"])
+    deciles, correlations, paired = influence_by_distance.token_tables(pd.concat(rows), ["good", "bad"], ["bad"])
     rho = correlations.set_index(["signal", "target"]).spearman_mean
     assert rho[("good", "fi_far")] == pytest.approx(1) and rho[("bad", "fi_far")] == pytest.approx(-1)
     assert rho[("good", "fi_near")] == pytest.approx(-1)
+    # good - bad on each document: +2 for fi_far, -2 for fi_near, the same on all three (a zero-width interval)
+    assert paired[["signal", "against", "target", "n"]].values.tolist() == [
+        ["good", "bad", "fi_far", 3], ["good", "bad", "fi_near", 3]]
+    assert paired.difference_mean.tolist() == pytest.approx([2, -2])
+    assert paired.difference_ci_low.tolist() == pytest.approx([2, -2])
     good = deciles[deciles.signal == "good"].sort_values("decile")
     assert len(good) == 10 and good.fi_far_mean.is_monotonic_increasing and (good.n == 3).all()
 
@@ -132,9 +137,13 @@ def test_influence_by_distance_run_writes_every_table(llama, tmp_path):
     tables = influence_by_distance.run(tiny_model("llama"), traces, tmp_path, settings=settings, scan_tokens=12,
                                        scan_distance=36, progress=False)
     assert set(tables["influence"].selection) == set(influence_by_distance.DEFAULT_SELECTIONS)
+    assert set(zip(tables["per_token_paired"].signal, tables["per_token_paired"].against)) == {
+        (s, a) for s in ("entropy_next", "entropy_generated", "evolution", "infokv")
+        for a in ("attention_snapkv", "attention_h2o")}
     per_token = tables["per_token"]
     assert len(per_token) == 2 * 12 and per_token.position.min() == 38 and per_token.fi_far.notna().all()
-    for name in ("influence", "influence_per_distance", "per_token", "per_token_deciles", "per_token_correlations"):
+    for name in ("influence", "influence_per_distance", "per_token", "per_token_deciles", "per_token_correlations",
+                 "per_token_paired"):
         assert (tmp_path / f"{name}.csv").is_file()
     assert (tmp_path / "influence.png").is_file() and (tmp_path / "per_token.png").is_file()
     before = {name: (tmp_path / f"{name}.csv").read_bytes() for name in ("influence", "per_token_correlations")}
