@@ -28,3 +28,6 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     NotebookClient(book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     images = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert images, "each notebook shows at least one figure"
+    if path.stem == "03_policies_and_budgets":
+        last = [c for c in book.cells if c.cell_type == "code"][-1]
+        assert "infokv-default" in str(last.outputs), "the committed findings for the model are shown"
