@@ -146,7 +146,8 @@ def test_influence_by_distance_run_writes_every_table(llama, tmp_path):
                  "per_token_paired"):
         assert (tmp_path / f"{name}.csv").is_file()
     assert (tmp_path / "influence.png").is_file() and (tmp_path / "per_token.png").is_file()
-    before = {name: (tmp_path / f"{name}.csv").read_bytes() for name in ("influence", "per_token_correlations")}
+    before = {name: (tmp_path / f"{name}.csv").read_bytes() for name in ("influence", "per_token_correlations",
+                                                                       "per_token_paired")}
     fresh = tmp_path / "fresh"  # a rerun from scratch, no cache: identical CSVs
     influence_by_distance.run(tiny_model("llama"), traces, fresh, settings=settings, scan_tokens=12,
                               scan_distance=36, progress=False)
