@@ -84,15 +84,12 @@ def heat(tracer: Tracer, trace: Trace, signal: str, budget: str = "0.25", model:
         return Heat(tokens, values, None, UNITS["fi"])
     if signal.startswith("policy:"):
         from kv_compression.budget import Budget, token_view
+        from kv_compression.offline import observations
         from kv_compression.policies.calibration import make
-
-        from forward_influence.observation import observe
 
         policy = make(signal.removeprefix("policy:"), model, quiet=True)
         parsed = Budget.parse(budget)
-        obs = observe(tracer, ids, window=max(getattr(policy, "window", 1), 64), top_k=getattr(policy, "top_k", 10),
-                      logit_lens="logit_lens" in policy.requires())
-        score, share = token_view(policy, obs, parsed)
+        score, share = token_view(policy, observations(tracer, ids, [policy])[0], parsed)
         values = score.float().cpu().numpy()
         finite = np.isfinite(values)
         values = np.where(finite, values, values[finite].max() if finite.any() else 1.0)

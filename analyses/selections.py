@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from forward_influence.errors import InputError
-from forward_influence.observation import observe
 from forward_influence.selection import select_top
 from forward_influence.signals import TokenSignals, token_signals
 from forward_influence.tracer import Tracer
 from kv_compression.budget import layer_scores
+from kv_compression.offline import observations
 from kv_compression.policies import Policy
 from kv_compression.policies.calibration import make
 
@@ -53,9 +53,7 @@ def check_selections(names: Sequence[str]) -> list[str]:
 
 def policy_scores(tracer: Tracer, token_ids: Sequence[int], policy: Policy) -> np.ndarray:
     """``[tokens]`` mean score of `policy` over full-attention layers and KV heads; protected tokens NaN."""
-    lens = "logit_lens" in policy.requires()
-    obs = observe(tracer, token_ids, window=max(getattr(policy, "window", 1), 1),
-                  top_k=getattr(policy, "top_k", 10), logit_lens=lens)
+    obs = observations(tracer, token_ids, [policy])[0]
     scores = torch.stack([s[0] for s in layer_scores(policy, obs) if s is not None]).float()  # [layers, heads, tokens]
     scores = torch.where(torch.isfinite(scores), scores, torch.nan)
     return scores.nanmean(dim=(0, 1)).cpu().numpy()

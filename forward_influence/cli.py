@@ -282,19 +282,12 @@ def _budget(text: str, head_floor: float | None = None):
 def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
     """score_/keep_share_/kept_ columns of each policy for one trace (see `score --help`)."""
     from kv_compression.budget import token_view
+    from kv_compression.offline import observations
 
-    from .observation import observe
-
-    window = max([getattr(p, "window", 1) for p in policies] + [64])
-    lens = any("logit_lens" in p.requires() for p in policies)
-    observations = {}  # one per top-k: the entropies depend on it
     columns = {}
     n = len(token_ids)
-    for policy in policies:
-        k = getattr(policy, "top_k", 10)
-        if k not in observations:
-            observations[k] = observe(tracer, token_ids, window=window, top_k=k, logit_lens=lens)
-        score, share = token_view(policy, observations[k], budget)
+    for policy, obs in zip(policies, observations(tracer, token_ids, policies)):
+        score, share = token_view(policy, obs, budget)
         columns[f"score_{policy.name}"] = score.cpu().numpy()
         columns[f"keep_share_{policy.name}"] = share.cpu().numpy()
         columns[f"kept_{policy.name}"] = (share >= 0.5).int().cpu().numpy()

@@ -166,3 +166,16 @@ def test_per_head_allocation_pools_the_layer_budget_with_a_floor(obs):
     assert sum(len(s.positions) for s in specs) == 4 * 2 * T - 4 * 20
     with pytest.raises(InputError, match="per-head floor"):
         Budget.parse("10", head_floor=1.5)
+
+
+def test_offline_observations_share_one_pass_per_top_k(llama, ids, obs):
+    from kv_compression.offline import MIN_WINDOW, observations
+
+    policies = [SnapKV(window=8), H2O(), InfoKV(top_k=5, window=80)]
+    first, second, third = observations(llama, ids, policies)
+    assert first is second and third is not first  # H2O and SnapKV use the default k = 10
+    assert (first.top_k, third.top_k) == (10, 5)
+    assert first.layers[0].queries.shape[2] == min(80, T) and MIN_WINDOW < 80  # the longest window asked for
+    assert torch.equal(third.entropy_next, obs.entropy_next)  # the same entropies as observing with k = 5
+    # A policy slices its own window, so the longer observation gives the scores of its own one.
+    assert torch.equal(SnapKV(window=8).score(first, 1), SnapKV(window=8).score(obs, 1))

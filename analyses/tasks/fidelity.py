@@ -28,10 +28,10 @@ import numpy as np
 from forward_influence import corpus
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
-from forward_influence.observation import observe
 from forward_influence.tracer import Tracer
 from forward_influence.traces import read_traces
 from kv_compression.budget import Budget, eviction_specs, kept_indices, layer_scores
+from kv_compression.offline import observations
 from kv_compression.policies import Policy
 
 from . import Item
@@ -64,17 +64,10 @@ def fidelity_rows(
     if len(ids) <= prefix:
         raise ValueError(f"{document} has {len(ids)} tokens, not more than the {prefix}-token prefix")
     t = prefix - 1
-    window = max([getattr(p, "window", 1) for p in policies.values()] + [64])
-    lens = any("logit_lens" in p.requires() for p in policies.values())
-    observations = {}  # one observation per top-k the policies ask for (the entropies depend on it)
     clean = clean_run(tracer, ids, hidden=False)
     n_full = -clean.references.next_logp[prefix - 1 : len(ids) - 1].mean().item()
     rows = []
-    for name, policy in policies.items():
-        k = getattr(policy, "top_k", 10)
-        if k not in observations:
-            observations[k] = observe(tracer, ids[:prefix], window=window, top_k=k, logit_lens=lens)
-        obs = observations[k]
+    for (name, policy), obs in zip(policies.items(), observations(tracer, ids[:prefix], list(policies.values()))):
         scores = layer_scores(policy, obs)  # scored once, selected at every budget
         for budget in budgets:
             kept = kept_indices(policy, obs, Budget.parse(budget), scores)
