@@ -35,7 +35,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 
 from . import pos
-from .documents import evaluation_traces, per_document, quick
+from .documents import cache_folder, evaluation_traces, per_document, quick
 from .plotting import save_figure, theme
 from .selections import LABELS, SELECTIONS, jaccard, scores, top_sets
 
@@ -134,7 +134,7 @@ def run(
     key = dict(selections=list(selections), fractions=list(fractions), seed=seed)
     frame = per_document(
         traces, lambda trace: document_frame(tracer, trace, selections, fractions, seed=seed, model=loaded.name),
-        out / "cache" / loaded.name.replace("/", "_") / "attention_vs_entropy", key, "attention vs entropy", progress,
+        cache_folder(out, loaded.name) / "attention_vs_entropy", key, "attention vs entropy", progress,
     )
     table = summarize(frame)
     write_table(frame, out / "attention_vs_entropy_per_document.csv")

@@ -3,8 +3,9 @@
 `evaluation_traces` reads the evaluation essays (never the calibration ones), cut to `max_tokens`.
 `per_document` computes one table per document and keeps it as a pickle under the cache folder,
 keyed by the settings and the tokens that produced it: an interrupted run resumes where it
-stopped, a run with other settings or another cut of the document recomputes, and a rerun reads back the same numbers bit for bit (so its CSVs are
-identical).
+stopped, a run with other settings or another cut of the document recomputes, and a rerun reads
+back the same numbers bit for bit (so its CSVs are identical). `cache_folder` is where a model's
+results go under an output folder.
 
 Quick mode (environment variable ``FI_QUICK=1``) is for the notebooks under ``make test``: the
 analyses shrink their documents and sets through `quick`.
@@ -60,6 +61,11 @@ def evaluation_traces(tokenizer, docs: int, max_tokens: int) -> list[Trace]:
         traces += round_[: docs - len(traces)]
         segment += 1
     return traces
+
+
+def cache_folder(out: Path, model: str) -> Path:
+    """``<out>/cache/<model>``, the model name made a single folder name (``org/name`` -> ``org_name``)."""
+    return Path(out) / "cache" / model.replace("/", "_")
 
 
 def _file_name(document: str) -> str:

@@ -27,6 +27,7 @@ from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget
 from kv_compression.policies.calibration import make, policy_names
 
+from .documents import cache_folder
 from .plotting import save_figure, theme
 from .tasks import Task, registry
 
@@ -45,7 +46,7 @@ def run_task(
 ) -> pd.DataFrame:
     """Per-item rows of one task, from the cache where present (see the module docstring)."""
     tracer = Tracer(loaded)
-    cache = out / "cache" / loaded.name.replace("/", "_") / task.name
+    cache = cache_folder(out, loaded.name) / task.name
     built = {p: make(p, loaded.name) for p in policies}  # InfoKV: the model's calibration, if any
     settings = {p: repr(policy) for p, policy in built.items()}
     rows = []

@@ -41,7 +41,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 from kv_compression.policies.calibration import make
 
-from .documents import evaluation_traces, per_document, quick
+from .documents import cache_folder, evaluation_traces, per_document, quick
 from .plotting import save_figure, theme
 from .selections import LABELS, policy_scores, scores
 
@@ -205,7 +205,7 @@ def run(
     settings = settings or InfluenceSettings()
     if settings.evict_at is None:  # one t for every document: the middle of the shortest
         settings = replace(settings, evict_at=min(len(trace) for trace in traces) // 2)
-    cache = out / "cache" / loaded.name.replace("/", "_")
+    cache = cache_folder(out, loaded.name)
     extra = {"infokv": infokv_selector(tracer, settings, loaded.name)} if "infokv" in selections else {}
     key = dict(selections=list(selections), settings=asdict(settings))
     per_distance = per_document(
