@@ -1,7 +1,8 @@
 """KV-cache compression: scoring policies, budgets and a cache that evicts during generation.
 
 `policies` holds one small dataclass per method with a ``score(obs, layer)``; `budget` turns scores
-into kept sets (uniform, pyramid or per-head allocation); `runtime` is the transformers cache that
+into kept sets (uniform, pyramid or per-head allocation); `offline` reads the observations a set of
+policies scores a whole trace from (measurement); `runtime` is the transformers cache that
 records observations online and evicts physically during prefill and decoding. Built on
 `forward_influence` (observations, eviction specs, chunked entropy).
 """
