@@ -33,6 +33,8 @@ demo: setup
 
 # The tests never need a model hub: offline mode makes an unknown model id fail at once.
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,7 +35,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 
 from . import pos
-from .documents import cache_folder, evaluation_traces, per_document, quick
+from .documents import cache_folder, essay_segments, per_document, quick
 from .plotting import save_figure, theme
 from .selections import LABELS, SELECTIONS, jaccard, scores, top_sets
 
@@ -44,8 +44,13 @@ WHOLE = "whole text"
 
 
 def document_frame(
-    tracer: Tracer, trace: Trace, selections: Sequence[str], fractions: Sequence[float],
-    sinks: int = 4, seed: int = 0, model: str | None = None,
+    tracer: Tracer,
+    trace: Trace,
+    selections: Sequence[str],
+    fractions: Sequence[float],
+    sinks: int = 4,
+    seed: int = 0,
+    model: str | None = None,
 ) -> pd.DataFrame:
     """Long table of one document: ``document, kind, a, b, fraction, value`` (see the module docstring).
 
@@ -101,8 +106,18 @@ def plot(table: pd.DataFrame, fraction: float, title: str, path: Path) -> list[P
     for row in pairs.itertuples():
         matrix.loc[row.a, row.b] = matrix.loc[row.b, row.a] = row.value_mean
     labels = [LABELS.get(n, n) for n in names]
-    sns.heatmap(matrix, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=axes[0],
-                xticklabels=labels, yticklabels=labels, cbar_kws=dict(label="Jaccard overlap"))
+    sns.heatmap(
+        matrix,
+        annot=True,
+        fmt=".2f",
+        vmin=0,
+        vmax=1,
+        cmap="viridis",
+        ax=axes[0],
+        xticklabels=labels,
+        yticklabels=labels,
+        cbar_kws=dict(label="Jaccard overlap"),
+    )
     axes[0].set_title(f"overlap of the top {fraction:.0%} sets (mean over documents)", fontsize=10)
 
     for ax, kind, xlabel in (
@@ -124,8 +139,13 @@ def plot(table: pd.DataFrame, fraction: float, title: str, path: Path) -> list[P
 
 
 def run(
-    model: str | LoadedModel, traces: Sequence[Trace], out: Path, selections: Sequence[str] = SELECTIONS,
-    fractions: Sequence[float] = FRACTIONS, seed: int = 0, progress: bool = True,
+    model: str | LoadedModel,
+    traces: Sequence[Trace],
+    out: Path,
+    selections: Sequence[str] = SELECTIONS,
+    fractions: Sequence[float] = FRACTIONS,
+    seed: int = 0,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Measure every document (cached), write ``attention_vs_entropy_per_document.csv``,
     ``attention_vs_entropy.csv`` and the figure ``attention_vs_entropy.png/.svg``; returns the summary."""
@@ -133,15 +153,21 @@ def run(
     tracer = Tracer(loaded)
     key = dict(selections=list(selections), fractions=list(fractions), seed=seed)
     frame = per_document(
-        traces, lambda trace: document_frame(tracer, trace, selections, fractions, seed=seed, model=loaded.name),
-        cache_folder(out, loaded.name) / "attention_vs_entropy", key, "attention vs entropy", progress,
+        traces,
+        lambda trace: document_frame(tracer, trace, selections, fractions, seed=seed, model=loaded.name),
+        cache_folder(out, loaded.name) / "attention_vs_entropy",
+        key,
+        "attention vs entropy",
+        progress,
     )
     table = summarize(frame)
     write_table(frame, out / "attention_vs_entropy_per_document.csv")
     write_table(table, out / "attention_vs_entropy.csv")
     lengths = sorted({len(t) for t in traces})
-    title = (f"{loaded.name}: attention vs entropy selections, {len(traces)} evaluation essays "
-             f"x {lengths[0] if len(lengths) == 1 else f'{lengths[0]}-{lengths[-1]}'} tokens")
+    title = (
+        f"{loaded.name}: attention vs entropy selections, {len(traces)} evaluation essays "
+        f"x {lengths[0] if len(lengths) == 1 else f'{lengths[0]}-{lengths[-1]}'} tokens"
+    )
     fraction = 0.1 if 0.1 in fractions else fractions[0]
     plot(table, fraction, title, out / "attention_vs_entropy")
     return table
@@ -155,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selection (default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/attention_vs_entropy"))
     args = parser.parse_args(argv)
-    traces = evaluation_traces(load_model(args.model).tokenizer, args.docs, args.max_tokens)
+    traces = essay_segments(load_model(args.model).tokenizer, args.docs, args.max_tokens)
     table = run(args.model, traces, args.out, seed=args.seed)
     print(table.to_string(index=False, float_format="{:.3g}".format))
     print(args.out / "attention_vs_entropy.csv")

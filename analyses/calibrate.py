@@ -1,22 +1,26 @@
 """Calibration: InfoKV's open choices chosen by Forward Influence on the calibration essays.
 
-The paper leaves InfoKV's top-k, entropy alignment, evolution measure, normalisation and combination
-weight open. `calibrate` scores a grid of them on the calibration essays only (never the evaluation
-ones): each setting compresses a 1024-token prefix at each budget, and its evicted set is measured by
-far-distance Forward Influence, the mean KL at distances >= 33 of the next 256 tokens
-(``kl_far``; the fidelity NLL increase is recorded beside it as a check). The setting with the
-lowest mean ``kl_far`` over budgets and essays wins and is written, with every measurement behind
-it, to ``data/calibration/<model>.json``, which `kv_compression.policies.make("infokv", model)`
-reads by default.
+The published InfoKV fixes k = 256, alpha = 0.9, tau = 1, the generated alignment, the distance to
+the final layer and the softmax mix (`kv_compression.policies.InfoKV`); what the paper does not pin
+down (A's normalisation) and what it chose by its own measurements are fields. `calibrate` scores a
+grid around the published point on the calibration essays only (never the evaluation ones): the full
+grid of k in {10, 64, 256}, alpha in {0.8, 0.9, 0.95} and tau in {0.5, 1, 2} for each combination
+(softmax, zscore, rank), the other alignment and evolution measures at the published k and tau for
+each alpha and combination, and alpha = 1 (pure attention, the same for every other choice). Each
+setting compresses a 1024-token prefix at each budget, and its evicted set is measured by
+far-distance Forward Influence, the mean KL at distances >= 33 of the next 256 tokens (``kl_far``;
+the fidelity NLL increase is recorded beside it as a check). The setting with the lowest mean
+``kl_far`` over budgets and essays wins and is written, with every measurement behind it, to the
+calibration file that ``infokv-calibrated`` reads (`kv_compression.calibration`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -24,35 +28,47 @@ from tqdm.auto import tqdm
 from forward_influence.models import LoadedModel
 from forward_influence.outputs import atomic_open
 from forward_influence.tracer import Tracer
+from kv_compression.calibration import file_name, user_folder
 from kv_compression.policies import InfoKV
-from kv_compression.policies.calibration import calibration_path
 
 from .tasks.fidelity import fidelity_rows, long_essays
 
-GRID = dict(
-    top_k=(5, 10, 20),
-    alignment=("next", "generated"),
-    evolution=("hidden", "none"),
-    normalisation=("zscore", "rank"),
-    weight=(0.25, 0.5, 1.0),
-)
+TOP_K, ALPHA, TAU = (10, 64, 256), (0.8, 0.9, 0.95), (0.5, 1.0, 2.0)
+COMBINATIONS = ("softmax", "zscore", "rank")
+ALTERNATIVES = dict(alignment=("next",), evolution=("across_layers", "none"))
 
 
-def settings_grid(grid: dict[str, Sequence] = GRID) -> dict[str, InfoKV]:
-    """Every combination of `grid` as named InfoKV policies (name: ``k=10,alignment=next,...``)."""
-    keys = list(grid)
-    out = {}
-    for values in itertools.product(*(grid[k] for k in keys)):
-        fields = dict(zip(keys, values))
-        out[",".join(f"{k}={v}" for k, v in fields.items())] = InfoKV(**fields)
-    return out
+def _named(fields: dict) -> tuple[str, InfoKV]:
+    policy = InfoKV(**fields)
+    return ",".join(
+        f"{k}={getattr(policy, k)}" for k in ("top_k", "alpha", "tau", "combination", "alignment", "evolution")
+    ), policy
+
+
+def settings_grid() -> dict[str, InfoKV]:
+    """The grid of the module docstring as named InfoKV policies (name: ``top_k=256,alpha=0.9,...``)."""
+    published = InfoKV()
+    settings = [dict(alpha=1.0)]
+    for combination in COMBINATIONS:
+        settings += [
+            dict(top_k=k, alpha=a, tau=t, combination=combination) for k, a, t in itertools.product(TOP_K, ALPHA, TAU)
+        ]
+        settings += [
+            dict(alpha=a, combination=combination, **{option: value})
+            for option, values in ALTERNATIVES.items()
+            for value in values
+            for a in ALPHA
+        ]
+    grid = dict(_named(fields) for fields in settings)
+    assert grid[_named({})[0]] == published  # the published point is in the grid
+    return grid
 
 
 def calibrate(
     loaded: LoadedModel,
     budgets: Sequence[str] = ("0.1", "0.25", "0.5"),
     docs: int = 4,
-    grid: dict[str, Sequence] = GRID,
+    grid: dict[str, InfoKV] | None = None,
     prefix: int = 1024,
     continuation: int = 256,
     token_ids: dict[str, list[int]] | None = None,
@@ -63,7 +79,7 @@ def calibrate(
     `token_ids` (document name -> tokens) replaces the calibration essays, for tests.
     """
     tracer = Tracer(loaded)
-    policies = settings_grid(grid)
+    policies = settings_grid() if grid is None else grid
     if token_ids is None:
         token_ids = long_essays(loaded.tokenizer, "calibration", prefix + continuation, docs)
     rows = []
@@ -81,7 +97,7 @@ def calibrate(
         ranking=[dict(setting=s, kl_far=r.kl_far, nll_increase=r.nll_increase) for s, r in ranking.iterrows()],
         measurements=frame.to_dict(orient="records"),
     )
-    path = out or calibration_path(loaded.name)
+    path = out or user_folder() / file_name(loaded.name)
     with atomic_open(path) as f:
         json.dump(result, f, indent=1)
     return result
@@ -110,15 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from forward_influence.models import DEFAULT_MODEL
+    from kv_compression.calibration import read
 
     parser = argparse.ArgumentParser(description="show a calibration file: the chosen settings and option effects")
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
-    path = calibration_path(args.model)
-    if not path.is_file():
-        raise SystemExit(f"error: no calibration file {path}; run `forward-influence calibrate --model {args.model}`")
-    result = json.loads(path.read_text())
-    print(f"{path.name}: {result['settings']} on {len(result['documents'])} essays, budgets {result['budgets']}")
+    found = read(args.model)
+    if found is None:
+        raise SystemExit(
+            f"error: no calibration for {args.model}; run `forward-influence calibrate --model {args.model}`"
+        )
+    result, source = found
+    print(f"{source}: {result['settings']} on {len(result['documents'])} essays, budgets {result['budgets']}")
     print(option_effects(result).to_string(index=False, float_format="{:.4f}".format))
 
 

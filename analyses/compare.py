@@ -1,7 +1,7 @@
 """Compare selections side by side: what each keeps at a budget, and what evicting the rest costs.
 
 For each trace, every selection (SnapKV and H2O attention, entropy with both alignments, evolution,
-InfoKV) keeps a `budget` share of the prefix ``0..t`` (sinks and the last window first, then its
+InfoKV) keeps a budget of the prefix ``0..t`` (a ratio or a count; sinks and the last window first, then its
 best-ranked tokens; `analyses.selections.kept_sets`), and the complement is evicted at t. Per
 selection:
 
@@ -17,22 +17,23 @@ With several traces the table is the mean over traces with 95% t-intervals (``*_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib import pyplot as plt
 
-from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
+from forward_influence.measure import eviction_time
 from forward_influence.outputs import write_table
 from forward_influence.scan import fi_summary
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
+from kv_compression.budget import Budget
 
 from . import pos
 from .plotting import save_figure, theme
@@ -42,17 +43,13 @@ COMPARED = ("attention_snapkv", "attention_h2o", "entropy_next", "entropy_genera
 COLUMNS = ("kept", "content_share", "mean_position", "fi_near", "fi_far")
 
 
-def eviction_time(trace: Trace, evict_at: int | None) -> int:
-    """`evict_at`, or the middle of the trace; an `InputError` when no token would follow it."""
-    t = len(trace) // 2 if evict_at is None else evict_at
-    if not 0 < t < len(trace) - 1:
-        raise InputError(f"--evict-at {t} must lie in (0, {len(trace) - 1}) for trace {trace.id!r} ({len(trace)} tokens)")
-    return t
-
-
 def document_frame(
-    tracer: Tracer, trace: Trace, budget: float, evict_at: int | None = None,
-    selections: Sequence[str] = COMPARED, model: str | None = None,
+    tracer: Tracer,
+    trace: Trace,
+    budget: Budget,
+    evict_at: int | None = None,
+    selections: Sequence[str] = COMPARED,
+    model: str | None = None,
 ) -> pd.DataFrame:
     """One row per selection for one trace (columns in the module docstring, plus ``document``)."""
     t = eviction_time(trace, evict_at)
@@ -68,10 +65,13 @@ def document_frame(
         positions = np.array(kept[name])
         words = classes[positions][classes[positions] != "other"]
         row = dict(
-            document=trace.id, selection=name, kept=len(positions),
+            document=trace.id,
+            selection=name,
+            kept=len(positions),
             content_share=float((words == "content").mean()) if len(words) else np.nan,
             mean_position=float((positions / t).mean()),
-            fi_near=fi.fi_near[index], fi_far=fi.fi_far[index],
+            fi_near=fi.fi_near[index],
+            fi_far=fi.fi_far[index],
         )
         row.update({f"jaccard_{other}": jaccard(kept[name], kept[other]) for other in selections})
         rows.append(row)
@@ -101,7 +101,9 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(15, 5), layout="constrained", gridspec_kw=dict(width_ratios=[1, 1.2]))
     names = list(table.selection)
     y = np.arange(len(names))
-    for offset, (target, color) in zip((-0.2, 0.2), (("fi_near", "0.55"), ("fi_far", sns.color_palette("colorblind")[0]))):
+    for offset, (target, color) in zip(
+        (-0.2, 0.2), (("fi_near", "0.55"), ("fi_far", sns.color_palette("colorblind")[0]))
+    ):
         mean = table[f"{target}_mean"] if f"{target}_mean" in table else table[target]
         err = None
         if f"{target}_ci_low" in table:
@@ -113,19 +115,39 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> list[Path]:
     axes[0].set_xlabel("KL of evicting everything not kept (nats / token)")
     axes[0].set_title("Forward Influence: near (d = 1-8) and far (d >= 33)", fontsize=10)
     axes[0].legend(fontsize=8)
-    matrix = np.array([[table.iloc[i].get(f"jaccard_{b}_mean", table.iloc[i].get(f"jaccard_{b}")) for b in names]
-                       for i in range(len(names))], dtype=float)
+    matrix = np.array(
+        [
+            [table.iloc[i].get(f"jaccard_{b}_mean", table.iloc[i].get(f"jaccard_{b}")) for b in names]
+            for i in range(len(names))
+        ],
+        dtype=float,
+    )
     labels = [LABELS.get(n, n) for n in names]
-    sns.heatmap(matrix, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=axes[1],
-                xticklabels=labels, yticklabels=labels, cbar_kws=dict(label="Jaccard overlap of the kept sets"))
+    sns.heatmap(
+        matrix,
+        annot=True,
+        fmt=".2f",
+        vmin=0,
+        vmax=1,
+        cmap="viridis",
+        ax=axes[1],
+        xticklabels=labels,
+        yticklabels=labels,
+        cbar_kws=dict(label="Jaccard overlap of the kept sets"),
+    )
     axes[1].set_title("overlap of what each selection keeps", fontsize=10)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
 
 
 def compare(
-    tracer: Tracer, traces: Sequence[Trace], budget: float, out: Path | None = None, evict_at: int | None = None,
-    model: str | None = None, progress: bool = True,
+    tracer: Tracer,
+    traces: Sequence[Trace],
+    budget: Budget,
+    out: Path | None = None,
+    evict_at: int | None = None,
+    model: str | None = None,
+    progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, per-document rows); with `out`, writes ``compare.csv``, ``compare_per_document.csv`` and
     ``compare.png/.svg`` there."""
@@ -134,8 +156,10 @@ def compare(
     for trace in traces:  # bad input fails before any work
         eviction_time(trace, evict_at)
     frame = pd.concat(
-        [document_frame(tracer, trace, budget, evict_at, model=model)
-         for trace in tqdm(traces, desc="compare", unit="trace", disable=not progress)],
+        [
+            document_frame(tracer, trace, budget, evict_at, model=model)
+            for trace in tqdm(traces, desc="compare", unit="trace", disable=not progress)
+        ],
         ignore_index=True,
     )
     table = summarize(frame)
@@ -143,6 +167,5 @@ def compare(
         write_table(frame, out / "compare_per_document.csv")
         write_table(table, out / "compare.csv")
         what = traces[0].id if len(traces) == 1 else f"{len(traces)} traces, mean and 95% CI"
-        plot(table, f"{tracer.name}: selections keeping {budget:.0%} of the prefix, {what}",
-             out / "compare")
+        plot(table, f"{tracer.name}: selections keeping {budget.share()} of the prefix, {what}", out / "compare")
     return table, frame

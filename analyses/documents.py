@@ -1,11 +1,11 @@
-"""The documents an analysis runs on, and a per-document cache that makes long runs resumable.
+"""The documents an analysis runs on, and the per-document cache that makes long runs resumable.
 
-`evaluation_traces` reads the evaluation essays (never the calibration ones), cut to `max_tokens`.
-`per_document` computes one table per document and keeps it as a pickle under the cache folder,
-keyed by the settings and the tokens that produced it: an interrupted run resumes where it
-stopped, a run with other settings or another cut of the document recomputes, and a rerun reads
-back the same numbers bit for bit (so its CSVs are identical). `cache_folder` is where a model's
-results go under an output folder.
+`essay_segments` cuts documents of a fixed length from the essays of a split (the evaluation essays
+unless a tuning step asks for the calibration ones). `per_document` computes one table per document
+and keeps it under the cache folder (`analyses.cache`: Parquet, keyed by the settings and the tokens
+that produced it): an interrupted run resumes where it stopped, a run with other settings or
+another cut of the document recomputes, and a rerun reads back the same numbers bit for bit (so its
+CSVs are identical). `cache_folder` is where a model's cached results go under an output folder.
 
 Quick mode (environment variable ``FI_QUICK=1``) is for the notebooks under ``make test``: the
 analyses shrink their documents and sets through `quick`.
@@ -14,18 +14,17 @@ analyses shrink their documents and sets through `quick`.
 from __future__ import annotations
 
 import os
-import pickle
-import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from forward_influence import corpus
 from forward_influence.errors import InputError
-from forward_influence.outputs import atomic_open
 from forward_influence.traces import Trace, read_traces
+
+from . import cache
 
 
 def quick() -> bool:
@@ -33,18 +32,18 @@ def quick() -> bool:
     return os.environ.get("FI_QUICK", "") not in ("", "0")
 
 
-def evaluation_traces(tokenizer, docs: int, max_tokens: int) -> list[Trace]:
-    """`docs` documents of exactly `max_tokens` tokens cut from the evaluation essays.
+def essay_segments(tokenizer, docs: int, max_tokens: int, split: str = "evaluation") -> list[Trace]:
+    """`docs` documents of exactly `max_tokens` tokens cut from the essays of `split`.
 
     Every essay long enough gives its first segment, then the longer essays their second, and so on
     (round robin in name order), so the documents spread over as many essays as they can (15 of the
-    25 evaluation essays reach 1024 tokens of SmolLM2's tokenizer). A later segment
-    starts with the essay's BOS token when the tokenizer adds one, so every document begins as a
-    text does. Fewer than `docs` documents is an `InputError`.
+    25 evaluation essays reach 1024 tokens of SmolLM2's tokenizer). A later segment starts with the
+    essay's BOS token when the tokenizer adds one, so every document begins as a text does. Fewer
+    than `docs` documents is an `InputError`.
     """
     bos = getattr(tokenizer, "bos_token_id", None)
     texts = {}  # per essay: the BOS token (or nothing) and the text tokens after it
-    for name in corpus.essay_names("evaluation"):
+    for name in corpus.essay_names(split):
         ids = read_traces(f"essay:{name}", tokenizer)[0].token_ids
         texts[name] = (ids[:1], ids[1:]) if bos is not None and ids[:1] == [bos] else ([], ids)
     traces, segment = [], 0
@@ -56,8 +55,7 @@ def evaluation_traces(tokenizer, docs: int, max_tokens: int) -> list[Trace]:
             if len(body) == size:
                 round_.append(Trace(f"essay:{name}" + (f"#{segment + 1}" if segment else ""), lead + body))
         if not round_:
-            raise InputError(f"the evaluation essays hold only {len(traces)} documents of {max_tokens} tokens, "
-                             f"not {docs}")
+            raise InputError(f"the {split} essays hold only {len(traces)} documents of {max_tokens} tokens, not {docs}")
         traces += round_[: docs - len(traces)]
         segment += 1
     return traces
@@ -68,30 +66,19 @@ def cache_folder(out: Path, model: str) -> Path:
     return Path(out) / "cache" / model.replace("/", "_")
 
 
-def _file_name(document: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", document) + ".pkl"
-
-
 def per_document(
     documents: Sequence[Trace],
     compute: Callable[[Trace], pd.DataFrame],
-    cache: Path | None,
+    folder: Path | None,
     key: dict,
     desc: str = "documents",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """``compute(document)`` for every document, concatenated; cached under `cache` (None: no cache)."""
+    """``compute(document)`` for every document, concatenated; cached under `folder` (None: no cache)."""
     frames = []
     for document in tqdm(documents, desc=desc, unit="doc", disable=not progress):
-        path = None if cache is None else cache / _file_name(document.id)
-        if path is not None and path.is_file():
-            stored_key, tokens, frame = pickle.loads(path.read_bytes())
-            if stored_key == key and tokens == list(document.token_ids):
-                frames.append(frame)
-                continue
-        frame = compute(document)
-        if path is not None:
-            with atomic_open(path, "wb") as f:
-                pickle.dump((key, list(document.token_ids), frame), f)
-        frames.append(frame)
+        path = None if folder is None else folder / cache.file_name(document.id)
+        frames.append(
+            cache.cached(path, dict(key, tokens=list(document.token_ids)), lambda document=document: compute(document))
+        )
     return pd.concat(frames, ignore_index=True)

@@ -1,17 +1,18 @@
 """Policy sweeps over evaluation tasks: resumable, with per-item results, summaries and figures.
 
-`evaluate` runs every (policy, budget) on every item of a task and caches each item's rows in
-``<out>/cache/<model>/<task>/<item>.json``, so an interrupted sweep resumes where it stopped and a
-wider sweep computes only what is missing. It writes ``results.csv`` (one row per task, item,
-policy and budget), ``summary.csv`` (mean and 95% t-interval across items per task, policy and
-budget) and ``<task>.png/.svg`` (each metric against the budget, one line per policy, 95% bands).
+`evaluate` runs every (policy, budget) on every item of a task and caches each item's rows under
+``<out>/cache/<model>/<task>/`` (`analyses.cache`), so an interrupted sweep resumes where it stopped
+and a wider sweep computes only what is missing (a policy's rows are reused only for the same
+settings). It writes ``results.csv`` (one row per task, item, policy and budget), ``summary.csv``
+(mean and 95% interval across items per task, policy and budget; `forward_influence.stats`) and a
+figure per task (each metric against the budget, one line per policy, or the task's own `plot`).
+Policies are named as on the command line (``NAME`` or ``NAME:field=value:...``).
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 import seaborn as sns
@@ -21,47 +22,56 @@ from tqdm.auto import tqdm
 
 from forward_influence.errors import InputError
 from forward_influence.models import LoadedModel
-from forward_influence.outputs import atomic_open, write_table
+from forward_influence.outputs import write_table
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget
-from kv_compression.policies.calibration import make, policy_names
+from kv_compression.names import parse
 
+from . import cache
 from .documents import cache_folder
 from .plotting import save_figure, theme
 from .tasks import Task, registry
 
 
-def _cached_rows(path: Path, settings: dict[str, str]) -> dict[tuple[str, str], dict]:
-    """Cached rows of an item, except those measured with other settings of the same policy."""
-    if not path.is_file():
-        return {}
-    rows = json.loads(path.read_text())
-    return {(r["policy"], r["budget"]): r for r in rows if r.get("settings") == settings.get(r["policy"])}
-
-
 def run_task(
-    task: Task, loaded: LoadedModel, policies: Sequence[str], budgets: Sequence[str], n_items: int, out: Path,
-    seed: int = 0, progress: bool = True,
+    task: Task,
+    loaded: LoadedModel,
+    policies: Sequence[str],
+    budgets: Sequence[str],
+    n_items: int,
+    out: Path,
+    seed: int = 0,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Per-item rows of one task, from the cache where present (see the module docstring)."""
     tracer = Tracer(loaded)
-    cache = cache_folder(out, loaded.name) / task.name
-    built = {p: make(p, loaded.name) for p in policies}  # InfoKV: the model's calibration, if any
+    folder = cache_folder(out, loaded.name) / task.name
+    built = {p: parse(p, loaded.name) for p in policies}
     settings = {p: repr(policy) for p, policy in built.items()}
-    rows = []
+    frames = []
     for item in tqdm(task.items(loaded.tokenizer, n_items), desc=task.name, unit="item", disable=not progress):
-        path = cache / f"{item.id}.json"
-        done = _cached_rows(path, settings)
+        path, key = folder / cache.file_name(item.id), dict(task=task.name, item=item.id, tokens=item.token_ids)
+        stored = cache.read(path, key)
+        done = (
+            {}
+            if stored is None
+            else {
+                (r["policy"], r["budget"]): r
+                for r in stored.to_dict("records")
+                if r["settings"] == settings.get(r["policy"])
+            }
+        )
         missing = [p for p in policies if any((p, b) not in done for b in budgets)]
         if missing:
             torch.manual_seed(seed)
             fresh = task.run(tracer, item, {p: built[p] for p in missing}, budgets)
             done.update({(row["policy"], row["budget"]): dict(row, settings=settings[row["policy"]]) for row in fresh})
-            with atomic_open(path) as f:
-                json.dump(list(done.values()), f)
-        rows += [dict(task=task.name, **done[(p, b)]) for p in policies for b in budgets]
-    return pd.DataFrame(rows)
+            cache.write(path, key, pd.DataFrame(list(done.values())))
+        frames.append(pd.DataFrame([done[(p, b)] for p in policies for b in budgets]).drop(columns="settings"))
+    results = pd.concat(frames, ignore_index=True)
+    results.insert(0, "task", task.name)
+    return results
 
 
 def summarize(results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -79,11 +89,22 @@ def plot_task(results: pd.DataFrame, task: Task, title: str, path: Path, seed: i
     theme()
     metrics = list(task.metrics)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
-    data = results.assign(budget_value=results.budget.astype(float))
+    numeric = pd.to_numeric(results.budget, errors="coerce")
+    data = results.assign(budget_value=numeric if numeric.notna().all() else results.budget.astype(str))
     for ax, metric in zip(axes[0], metrics):
-        sns.lineplot(data=data, x="budget_value", y=metric, hue="policy", marker="o", errorbar=("ci", 95),
-                     seed=seed, ax=ax, legend=ax is axes[0][-1])
-        ax.set_xlabel("budget (kept share of the prompt)" if all(data.budget_value <= 1) else "budget (tokens)")
+        sns.lineplot(
+            data=data,
+            x="budget_value",
+            y=metric,
+            hue="policy",
+            marker="o",
+            errorbar=("ci", 95),
+            seed=seed,
+            ax=ax,
+            legend=ax is axes[0][-1],
+        )
+        ratios = numeric.notna().all() and (numeric <= 1).all()
+        ax.set_xlabel("budget (kept share of the prompt)" if ratios else "budget")
         ax.set_ylabel(task.labels.get(metric, metric))
     sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title="policy")  # keep the curves clear
     fig.suptitle(title, fontsize=10)
@@ -91,28 +112,25 @@ def plot_task(results: pd.DataFrame, task: Task, title: str, path: Path, seed: i
     save_figure(fig, path)
 
 
-def check_sweep(tasks: Sequence[str | Task], policies: Sequence[str], budgets: Sequence[str]) -> None:
-    """Raise `InputError` for an unknown task or policy, or an invalid budget."""
+def evaluate(
+    loaded: LoadedModel,
+    tasks: Sequence[str | Task],
+    policies: Sequence[str],
+    budgets: Sequence[str],
+    n_items: int,
+    out: Path,
+    seed: int = 0,
+) -> Path:
+    """Run the sweep over tasks (registered names or task objects); returns the path of ``summary.csv``.
+    An unknown task or policy or a bad budget is an `InputError` before any work."""
     known = registry()
     unknown = [t for t in tasks if isinstance(t, str) and t not in known]
     if unknown or not tasks:
         raise InputError(f"unknown task {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}")
-    bad = [p for p in policies if p not in policy_names()]
-    if bad or not policies:
-        raise InputError(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(policy_names())}")
-    if not budgets:
-        raise InputError("no budget given")
+    for policy in policies:
+        parse(policy, loaded.name, quiet=True)
     for budget in budgets:
         Budget.parse(budget)
-
-
-def evaluate(
-    loaded: LoadedModel, tasks: Sequence[str | Task], policies: Sequence[str], budgets: Sequence[str], n_items: int,
-    out: Path, seed: int = 0,
-) -> Path:
-    """Run the sweep over tasks (registered names or task objects); returns the path of ``summary.csv``."""
-    check_sweep(tasks, policies, budgets)
-    known = registry()
     frames, summaries = [], []
     for task in tasks:
         task = known[task] if isinstance(task, str) else task
@@ -121,6 +139,9 @@ def evaluate(
         frames.append(results)
         summaries.append(summarize(results, task.metrics))
         title = f"{loaded.name}: {name}, {results['item'].nunique()} items; mean and 95% CI across items"
-        plot_task(results, task, title, out / name, seed)
+        if hasattr(task, "plot"):
+            task.plot(results, title, out / name)
+        else:
+            plot_task(results, task, title, out / name, seed)
     write_table(pd.concat(frames, ignore_index=True), out / "results.csv")
     return write_table(pd.concat(summaries, ignore_index=True), out / "summary.csv")

@@ -21,10 +21,13 @@ import pandas as pd
 from forward_influence.outputs import write_table
 from forward_influence.stats import mean_ci
 
-MAIN_METRIC = {"fidelity": ("nll_increase", "lower"), "needle": ("correct", "higher"),
-               "reasoning": ("prefix_agreement", "higher")}
-ATTENTION = ("snapkv", "h2o", "tova", "pyramidkv", "rkv")
-INFOKV = ("infokv", "infokv-default")
+MAIN_METRIC = {
+    "fidelity": ("nll_increase", "lower"),
+    "needle": ("correct", "higher"),
+    "reasoning": ("prefix_agreement", "higher"),
+}
+ATTENTION = ("snapkv", "h2o", "tova", "pyramidkv", "rkv", "expected-attention", "rpc")
+INFOKV = ("infokv", "infokv-calibrated")
 
 
 def findings(results: pd.DataFrame) -> pd.DataFrame:
@@ -46,12 +49,26 @@ def findings(results: pd.DataFrame) -> pd.DataFrame:
             mean, low, high = mean_ci(ours)
             _, best_low, best_high = mean_ci(theirs)
             difference = mean_ci((ours - theirs.reindex(ours.index)).to_numpy())
-            rows.append(dict(
-                task=task, budget=budget, metric=metric, better=better, infokv=variant, n_items=len(ours),
-                infokv_mean=mean, infokv_ci_low=low, infokv_ci_high=high,
-                baseline=best, baseline_mean=baselines[best], baseline_ci_low=best_low, baseline_ci_high=best_high,
-                difference_mean=difference[0], difference_ci_low=difference[1], difference_ci_high=difference[2],
-            ))
+            rows.append(
+                dict(
+                    task=task,
+                    budget=budget,
+                    metric=metric,
+                    better=better,
+                    infokv=variant,
+                    n_items=len(ours),
+                    infokv_mean=mean,
+                    infokv_ci_low=low,
+                    infokv_ci_high=high,
+                    baseline=best,
+                    baseline_mean=baselines[best],
+                    baseline_ci_low=best_low,
+                    baseline_ci_high=best_high,
+                    difference_mean=difference[0],
+                    difference_ci_low=difference[1],
+                    difference_ci_high=difference[2],
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -61,11 +78,16 @@ def markdown(table: pd.DataFrame) -> str:
     def ci(row, prefix):
         return f"{row[f'{prefix}_mean']:.3f} [{row[f'{prefix}_ci_low']:.3f}, {row[f'{prefix}_ci_high']:.3f}]"
 
-    lines = ["| task (metric, better) | budget | InfoKV variant | InfoKV | best attention baseline | "
-             "InfoKV - baseline (paired) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| task (metric, better) | budget | InfoKV variant | InfoKV | best attention baseline | "
+        "InfoKV - baseline (paired) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for _, row in table.iterrows():
-        lines.append(f"| {row.task} ({row.metric}, {row.better}) | {row.budget} | {row.infokv} | {ci(row, 'infokv')} | "
-                     f"{row.baseline} {ci(row, 'baseline')} | {ci(row, 'difference')} |")
+        lines.append(
+            f"| {row.task} ({row.metric}, {row.better}) | {row.budget} | {row.infokv} | {ci(row, 'infokv')} | "
+            f"{row.baseline} {ci(row, 'baseline')} | {ci(row, 'difference')} |"
+        )
     return "\n".join(lines)
 
 

@@ -29,8 +29,13 @@ from matplotlib.patches import Rectangle
 
 from forward_influence.errors import InputError
 from forward_influence.outputs import atomic_open, atomic_path
+from forward_influence.scan import scan
+from forward_influence.signals import token_signals
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
+from kv_compression.budget import Budget, token_view
+from kv_compression.names import parse, policy_names
+from kv_compression.offline import observation
 
 from . import plotting  # noqa: F401  (headless backend)
 
@@ -59,20 +64,20 @@ class Heat:
 
 def check_signal(signal: str) -> str:
     """`signal` if known (``policy:NAME`` with a known policy), else an `InputError`."""
-    from kv_compression.policies.calibration import policy_names
-
-    if signal in SIGNALS or (signal.startswith("policy:") and signal.removeprefix("policy:") in policy_names()):
+    if signal in SIGNALS or (
+        signal.startswith("policy:") and signal.removeprefix("policy:").split(":")[0] in policy_names()
+    ):
         return signal
-    raise InputError(f"unknown signal {signal!r}; choose from {', '.join(SIGNALS)} or policy:NAME "
-                     f"with NAME one of {', '.join(policy_names())}")
+    raise InputError(
+        f"unknown signal {signal!r}; choose from {', '.join(SIGNALS)} or policy:NAME "
+        f"with NAME one of {', '.join(policy_names())}"
+    )
 
 
-def heat(tracer: Tracer, trace: Trace, signal: str, budget: str = "0.25", model: str | None = None) -> Heat:
-    """Read `signal` on `trace` (see the module docstring)."""
-    from forward_influence.scan import scan
-    from forward_influence.signals import token_signals
-
+def heat(tracer: Tracer, trace: Trace, signal: str, budget: Budget | str = "0.25", model: str | None = None) -> Heat:
+    """Read `signal` on `trace` (see the module docstring); `budget` is a `Budget` or its text."""
     check_signal(signal)
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
     ids = trace.token_ids
     tokens = [tracer.tokenizer.decode([i]) for i in ids]
     if signal == "fi":
@@ -83,13 +88,8 @@ def heat(tracer: Tracer, trace: Trace, signal: str, budget: str = "0.25", model:
         values[-1] = np.nan  # no later query: unknown, not zero
         return Heat(tokens, values, None, UNITS["fi"])
     if signal.startswith("policy:"):
-        from kv_compression.budget import Budget, token_view
-        from kv_compression.offline import observations
-        from kv_compression.policies.calibration import make
-
-        policy = make(signal.removeprefix("policy:"), model, quiet=True)
-        parsed = Budget.parse(budget)
-        score, share = token_view(policy, observations(tracer, ids, [policy])[0], parsed)
+        policy = parse(signal.removeprefix("policy:"), model, quiet=True)
+        score, share = token_view(policy, observation(tracer, ids, [policy]), budget)
         values = score.float().cpu().numpy()
         finite = np.isfinite(values)
         values = np.where(finite, values, values[finite].max() if finite.any() else 1.0)
@@ -122,8 +122,10 @@ def render_html(h: Heat, title: str) -> str:
         )
     key = ""
     if h.kept is not None:
-        key = (f'<span class="key">kept ({int(h.kept.sum())})</span> '
-               f'<span class="key evicted">evicted ({int((~h.kept).sum())})</span>')
+        key = (
+            f'<span class="key">kept ({int(h.kept.sum())})</span> '
+            f'<span class="key evicted">evicted ({int((~h.kept).sum())})</span>'
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>

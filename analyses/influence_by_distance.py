@@ -21,9 +21,9 @@ t-intervals across documents:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,14 +39,20 @@ from forward_influence.selection import select_top
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
-from kv_compression.policies.calibration import make
+from kv_compression.names import parse
 
-from .documents import cache_folder, evaluation_traces, per_document, quick
+from .documents import cache_folder, essay_segments, per_document, quick
 from .plotting import save_figure, theme
-from .selections import LABELS, policy_scores, scores
+from .selections import INFOKV, LABELS, policy_scores, scores
 
 DEFAULT_SELECTIONS = (
-    "entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution", "infokv", "random",
+    "entropy_next",
+    "entropy_generated",
+    "attention_snapkv",
+    "attention_h2o",
+    "evolution",
+    "infokv",
+    "random",
 )
 TOKEN_SIGNALS = ("entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution", "infokv")
 ATTENTION_SIGNALS = ("attention_snapkv", "attention_h2o")
@@ -54,8 +60,8 @@ DECILES = 10
 
 
 def infokv_selector(tracer: Tracer, settings: InfluenceSettings, model: str | None):
-    """A `measure.Selector` for InfoKV's top set of the prefix (its calibrated settings if any)."""
-    policy = make("infokv", model, quiet=True)
+    """A `measure.Selector` for InfoKV's top set of the prefix (`selections.INFOKV`)."""
+    policy = parse(INFOKV, model, quiet=True)
 
     def select(trace: Trace, signals, t: int) -> tuple[int, ...]:
         ranking = policy_scores(tracer, trace.token_ids[: t + 1], policy)
@@ -70,7 +76,7 @@ def token_frame(
     """One row per token of ``[start, end)``: ``document, position, fi_near, fi_far, <signals>``."""
     ids = trace.token_ids
     fi = scan(tracer, ids[: end + max_distance], start, end, max_distance)
-    window = max(window, make("infokv", model, quiet=True).window)  # InfoKV leaves its own window unranked
+    window = max(window, parse(INFOKV, model, quiet=True).window)  # InfoKV leaves its own window unranked
     ranking = scores(tracer, ids[: end + window], TOKEN_SIGNALS, model=model)
     frame = fi[["position", "fi_near", "fi_far"]].copy()
     frame.insert(0, "document", trace.id)
@@ -111,12 +117,23 @@ def token_tables(
     wide = rhos.pivot(index=["document", "target"], columns="signal", values="spearman")
     against = [a for a in attention if a in wide]
     differences = [
-        pd.DataFrame({"signal": signal, "against": other, "target": wide.index.get_level_values("target"),
-                      "difference": (wide[signal] - wide[other]).to_numpy()})
-        for signal in signals if signal in wide and signal not in attention for other in against
+        pd.DataFrame(
+            {
+                "signal": signal,
+                "against": other,
+                "target": wide.index.get_level_values("target"),
+                "difference": (wide[signal] - wide[other]).to_numpy(),
+            }
+        )
+        for signal in signals
+        if signal in wide and signal not in attention
+        for other in against
     ]
-    paired = (group_ci(pd.concat(differences, ignore_index=True), ["signal", "against", "target"], ["difference"])
-              if differences else pd.DataFrame())
+    paired = (
+        group_ci(pd.concat(differences, ignore_index=True), ["signal", "against", "target"], ["difference"])
+        if differences
+        else pd.DataFrame()
+    )
     return deciles, correlations, paired
 
 
@@ -164,7 +181,9 @@ def plot_tokens(deciles: pd.DataFrame, correlations: pd.DataFrame, title: str, p
     for ax, target, name in ((axes[0], "fi_near", "near (d = 1-8)"), (axes[1], "fi_far", "far (d >= 33)")):
         for signal in signals:
             rows = deciles[deciles.signal == signal]
-            _errorbars(ax, rows.decile.astype(int), rows, target, label=LABELS.get(signal, signal), color=palette[signal])
+            _errorbars(
+                ax, rows.decile.astype(int), rows, target, label=LABELS.get(signal, signal), color=palette[signal]
+            )
         ax.set_yscale("log")
         ax.set_xticks(range(1, DECILES + 1))
         ax.set_xlabel("decile of the signal within its document (10 = highest)")
@@ -175,7 +194,10 @@ def plot_tokens(deciles: pd.DataFrame, correlations: pd.DataFrame, title: str, p
     y = np.arange(len(signals))
     for offset, (target, color) in zip((-0.2, 0.2), (("fi_near", "0.55"), ("fi_far", palette[signals[0]]))):
         rows = wide[wide.target == target].set_index("signal").loc[signals]
-        err = [(rows.spearman_mean - rows.spearman_ci_low).fillna(0), (rows.spearman_ci_high - rows.spearman_mean).fillna(0)]
+        err = [
+            (rows.spearman_mean - rows.spearman_ci_low).fillna(0),
+            (rows.spearman_ci_high - rows.spearman_mean).fillna(0),
+        ]
         axes[2].barh(y + offset, rows.spearman_mean, height=0.4, xerr=err, capsize=3, color=color, label=target)
     axes[2].axvline(0, color="black", linewidth=0.8)
     axes[2].set_yticks(y, [LABELS.get(s, s) for s in signals])
@@ -209,8 +231,12 @@ def run(
     extra = {"infokv": infokv_selector(tracer, settings, loaded.name)} if "infokv" in selections else {}
     key = dict(selections=list(selections), settings=asdict(settings))
     per_distance = per_document(
-        traces, lambda trace: influence_by_distance(tracer, [trace], selections, settings, extra, progress=False),
-        cache / "influence", key, "influence by distance", progress,
+        traces,
+        lambda trace: influence_by_distance(tracer, [trace], selections, settings, extra, progress=False),
+        cache / "influence",
+        key,
+        "influence by distance",
+        progress,
     )
     table = summarize(per_distance)
     lengths = sorted({len(t) for t in traces})
@@ -219,22 +245,34 @@ def run(
     write_table(per_distance, out / "influence_per_distance.csv")
     write_table(table, out / "influence.csv")
     t = settings.evict_at
-    plot_influence(table, f"{loaded.name}: {settings.fraction:.0%} of the prefix evicted at t = {t}, {label}\n"
-                          "mean per distance bucket, 95% CI across documents", out / "influence")
+    plot_influence(
+        table,
+        f"{loaded.name}: {settings.fraction:.0%} of the prefix evicted at t = {t}, {label}\n"
+        "mean per distance bucket, 95% CI across documents",
+        out / "influence",
+    )
     if scan_tokens:
         start = max(settings.sinks, t - scan_tokens)
         per_token = per_document(
-            traces, lambda trace: token_frame(tracer, trace, start, t, scan_distance, settings.window, loaded.name),
-            cache / "tokens", dict(start=start, end=t, distance=scan_distance, window=settings.window),
-            "per-token influence", progress,
+            traces,
+            lambda trace: token_frame(tracer, trace, start, t, scan_distance, settings.window, loaded.name),
+            cache / "tokens",
+            dict(start=start, end=t, distance=scan_distance, window=settings.window),
+            "per-token influence",
+            progress,
         )
         deciles, correlations, paired = token_tables(per_token)
-        tables.update(per_token=per_token, per_token_deciles=deciles, per_token_correlations=correlations,
-                      per_token_paired=paired)
+        tables.update(
+            per_token=per_token, per_token_deciles=deciles, per_token_correlations=correlations, per_token_paired=paired
+        )
         for name in ("per_token", "per_token_deciles", "per_token_correlations", "per_token_paired"):
             write_table(tables[name], out / f"{name}.csv")
-        plot_tokens(deciles, correlations, f"{loaded.name}: each token of positions {start}-{t - 1} evicted alone, "
-                                           f"{label}", out / "per_token")
+        plot_tokens(
+            deciles,
+            correlations,
+            f"{loaded.name}: each token of positions {start}-{t - 1} evicted alone, {label}",
+            out / "per_token",
+        )
     return tables
 
 
@@ -243,19 +281,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--docs", type=int, default=3 if small else 20, help="evaluation essays (default 20)")
-    parser.add_argument("--max-tokens", type=int, default=256 if small else 1024, help="tokens per essay (default 1024)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=256 if small else 1024, help="tokens per essay (default 1024)"
+    )
     parser.add_argument("--fraction", type=float, default=0.1, help="share of the prefix evicted (default 0.1)")
     parser.add_argument("--evict-at", type=int, default=128 if small else 512, help="eviction time t (default 512)")
-    parser.add_argument("--scan-tokens", type=int, default=24 if small else 128,
-                        help="tokens before t scanned one by one (default 128; 0 skips the per-token view)")
+    parser.add_argument(
+        "--scan-tokens",
+        type=int,
+        default=24 if small else 128,
+        help="tokens before t scanned one by one (default 128; 0 skips the per-token view)",
+    )
     parser.add_argument("--scan-distance", type=int, default=40 if small else 64, help="distances per scanned token")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selection (default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/influence"))
     args = parser.parse_args(argv)
-    traces = evaluation_traces(load_model(args.model).tokenizer, args.docs, args.max_tokens)
+    traces = essay_segments(load_model(args.model).tokenizer, args.docs, args.max_tokens)
     settings = InfluenceSettings(fraction=args.fraction, evict_at=args.evict_at, seed=args.seed)
-    tables = run(args.model, traces, args.out, settings=settings, scan_tokens=args.scan_tokens,
-                 scan_distance=args.scan_distance)
+    tables = run(
+        args.model, traces, args.out, settings=settings, scan_tokens=args.scan_tokens, scan_distance=args.scan_distance
+    )
     for name in ("influence", "per_token_correlations", "per_token_paired"):
         if name in tables:
             print(tables[name].to_string(index=False, float_format="{:.3g}".format))

@@ -15,8 +15,8 @@ Word classes (universal POS tags):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 

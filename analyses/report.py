@@ -37,25 +37,31 @@ class Report:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
 
     def text(self, text: str, note: bool = False) -> None:
-        self.parts.append(f'<p{" class=note" if note else ""}>{html.escape(text)}</p>')
+        self.parts.append(f"<p{' class=note' if note else ''}>{html.escape(text)}</p>")
 
     def table(self, frame: pd.DataFrame, digits: int = 3) -> None:
         self.parts.append(frame.to_html(index=False, float_format=lambda x: f"{x:.{digits}g}", border=0))
 
     def figure(self, png: Path, caption: str) -> None:
         data = base64.b64encode(Path(png).read_bytes()).decode()
-        self.parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-                          f"<figcaption class=note>{html.escape(caption)}</figcaption></figure>")
+        self.parts.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption class=note>{html.escape(caption)}</figcaption></figure>"
+        )
 
     def page(self, document: str, caption: str) -> None:
         """Embed a whole HTML page (a token heatmap) in a frame."""
-        self.parts.append(f'<iframe srcdoc="{html.escape(document)}" title="{html.escape(caption)}"></iframe>'
-                          f"<p class=note>{html.escape(caption)}</p>")
+        self.parts.append(
+            f'<iframe srcdoc="{html.escape(document)}" title="{html.escape(caption)}"></iframe>'
+            f"<p class=note>{html.escape(caption)}</p>"
+        )
 
     def write(self, path: Path) -> Path:
         with atomic_open(path) as f:
-            f.write(f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(self.title)}</title>"
-                    f"<style>{STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>\n")
+            f.write(
+                f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(self.title)}</title>"
+                f"<style>{STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>\n"
+            )
             f.write("\n".join(self.parts))
             f.write("\n</body></html>\n")
         return Path(path)

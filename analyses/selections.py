@@ -4,9 +4,8 @@ The analyses compare rankings of the tokens ``0..t`` known at an eviction time t
 
 - the raw token signals of `forward_influence.signals` (``entropy_next``, ``entropy_generated``,
   ``attention_snapkv``, ``attention_h2o``, ``evolution``), averaged over layers and heads;
-- ``infokv``: InfoKV's score (`kv_compression`, with the model's calibrated settings when a
-  calibration file exists), averaged over the full-attention layers and KV heads; the tokens InfoKV
-  always keeps (its sinks and window, scored +inf) are left unranked;
+- ``infokv``: the published InfoKV's score (`kv_compression`), averaged over the full-attention layers
+  and KV heads; the tokens InfoKV always keeps (its window, scored +inf) are left unranked;
 - ``random``: a seeded uniform draw.
 
 Two uses: `top_sets` picks the top fraction of the candidates ``sinks..t`` (the set whose eviction
@@ -16,20 +15,22 @@ Forward Influence measures), and `kept_sets` is what a compressor at a budget ke
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from forward_influence.defaults import SINKS, WINDOW
 from forward_influence.errors import InputError
 from forward_influence.selection import select_top
 from forward_influence.signals import TokenSignals, token_signals
 from forward_influence.tracer import Tracer
-from kv_compression.budget import layer_scores
-from kv_compression.offline import observations
+from kv_compression.budget import Budget, layer_scores
+from kv_compression.names import parse
+from kv_compression.offline import observation
 from kv_compression.policies import Policy
-from kv_compression.policies.calibration import make
 
+INFOKV = "infokv"  # the policy behind the ``infokv`` selection: the published rule
 SIGNAL_SELECTIONS = ("entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution")
 SELECTIONS = (*SIGNAL_SELECTIONS, "infokv", "random")
 LABELS = {
@@ -53,7 +54,7 @@ def check_selections(names: Sequence[str]) -> list[str]:
 
 def policy_scores(tracer: Tracer, token_ids: Sequence[int], policy: Policy) -> np.ndarray:
     """``[tokens]`` mean score of `policy` over full-attention layers and KV heads; protected tokens NaN."""
-    obs = observations(tracer, token_ids, [policy])[0]
+    obs = observation(tracer, token_ids, [policy])
     scores = torch.stack([s[0] for s in layer_scores(policy, obs) if s is not None]).float()  # [layers, heads, tokens]
     scores = torch.where(torch.isfinite(scores), scores, torch.nan)
     return scores.nanmean(dim=(0, 1)).cpu().numpy()
@@ -77,32 +78,35 @@ def scores(
         if name == "random":
             out[name] = None
         elif name == "infokv":
-            out[name] = policy_scores(tracer, token_ids, make("infokv", model, quiet=True))
+            out[name] = policy_scores(tracer, token_ids, parse(INFOKV, model, quiet=True))
         else:
             out[name] = signals.get(name)
     return out
 
 
 def top_sets(
-    ranking: dict[str, np.ndarray | None], fraction: float, time: int, sinks: int = 4, seed: int = 0
+    ranking: dict[str, np.ndarray | None], fraction: float, time: int, sinks: int = SINKS, seed: int = 0
 ) -> dict[str, tuple[int, ...]]:
     """The top `fraction` of the prefix ``0..time`` by each score (see `select_top`)."""
     return {name: select_top(s, fraction, time, sinks=sinks, seed=seed) for name, s in ranking.items()}
 
 
 def kept_sets(
-    ranking: dict[str, np.ndarray | None], budget: float, time: int, sinks: int = 4, window: int = 32, seed: int = 0
+    ranking: dict[str, np.ndarray | None],
+    budget: Budget,
+    time: int,
+    sinks: int = SINKS,
+    window: int = WINDOW,
+    seed: int = 0,
 ) -> dict[str, tuple[int, ...]]:
-    """What each ranking keeps of the prefix ``0..time`` at a `budget` share of its tokens.
+    """What each ranking keeps of the prefix ``0..time`` at `budget` (`Budget.tokens` of its tokens).
 
     Sinks and the last `window` tokens are kept first (as every compressor here does); the best
     ranked of the others fill the rest. A budget below the protected tokens keeps only those.
     """
-    if not 0 < budget < 1:
-        raise InputError(f"budget must lie in (0, 1), got {budget}")
     n = time + 1
     protected = set(range(min(sinks, n))) | set(range(max(0, n - window), n))
-    free = max(0, round(budget * n) - len(protected))
+    free = max(0, budget.tokens(n) - len(protected))
     middle = np.array(sorted(set(range(n)) - protected), dtype=int)
     kept = {}
     for name, s in ranking.items():

@@ -13,8 +13,8 @@ delete S from the cache, continue with the original positions): `forward_influen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import PretrainedConfig
@@ -50,7 +50,7 @@ class AttentionLayout:
     windows: tuple[int | None, ...]
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig) -> "AttentionLayout":
+    def from_config(cls, config: PretrainedConfig) -> AttentionLayout:
         config = config.get_text_config(decoder=True)
         n = config.num_hidden_layers
         types = getattr(config, "layer_types", None) or ["full_attention"] * n
@@ -135,3 +135,19 @@ def build_masks(
             shared[key] = mask.masked_fill_(~allowed, hidden_value)
         masks.append(shared[key])
     return masks
+
+
+def evictions(held: torch.Tensor, kept: torch.Tensor, time: int, layer: int) -> list[EvictionSpec]:
+    """The specs behind one layer's choice: per KV head h, the positions of ``held[h]`` not in
+    ``kept[h]``, evicted at `time` in that layer and head alone (heads without an eviction are left out).
+
+    `held` is ``[kv_heads, n]`` (the original positions a layer held before the choice); `kept` is
+    ``[kv_heads, k]`` kept positions, or a boolean ``[kv_heads, n]`` mask over `held`.
+    """
+    specs = []
+    for head in range(held.shape[0]):
+        keep = held[head][kept[head]] if kept.dtype == torch.bool else kept[head]
+        evicted = held[head][~torch.isin(held[head], keep)]
+        if evicted.numel():
+            specs.append(EvictionSpec(tuple(evicted.tolist()), time, layers=(layer,), heads=(head,)))
+    return specs

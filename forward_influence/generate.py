@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from importlib.abc import Traversable
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .models import LoadedModel
-from .traces import _chat_ids
+from .models import LoadedModel, pad_token_id
+from .traces import chat_ids
 
 INSTRUCTION = "Solve the problem step by step, then give the final answer as an integer.\n\n"
 
 
-def read_problems(path: Path) -> list[dict]:
-    """Problems from JSONL; a malformed line is an `InputError` naming its line number."""
+def read_problems(path: Path | Traversable) -> list[dict]:
+    """Problems from JSONL (a file or package data); a malformed line is an `InputError` naming its line."""
     if not path.is_file():
         raise InputError(f"no such problem file: {path}")
     problems = []
@@ -55,14 +56,14 @@ def generate_traces(loaded: LoadedModel, problems: list[dict], max_new_tokens: i
     model, tokenizer = loaded.model, loaded.tokenizer
     for problem in tqdm(problems, desc="problems", unit="problem"):
         prompt = INSTRUCTION + problem["question"]
-        prompt_ids, n_prompt = _chat_ids(tokenizer, prompt, "")
+        prompt_ids, n_prompt = chat_ids(tokenizer, prompt, "")
         with torch.no_grad():
             output = model.generate(
                 torch.tensor([prompt_ids], device=model.device),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                pad_token_id=pad_token_id(tokenizer),
             )
         completion_ids = output[0, n_prompt:].tolist()
         completion = tokenizer.decode(completion_ids, skip_special_tokens=True)

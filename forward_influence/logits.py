@@ -8,10 +8,13 @@ whatever the trace length. Entropies and divergences are in nats.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
+
+from .defaults import TOP_K
 
 DEFAULT_CHUNK = 256
 
@@ -25,8 +28,14 @@ def logits_of(model: PreTrainedModel, final: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _restricted_entropy(top_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the softmax over the last dimension: the renormalised top-k distribution."""
+    logp = torch.log_softmax(top_logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def entropies(
-    model: PreTrainedModel, final: torch.Tensor, top_k: int = 10, chunk: int = DEFAULT_CHUNK
+    model: PreTrainedModel, final: torch.Tensor, top_k: int = TOP_K, chunk: int = DEFAULT_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k and full-vocabulary entropy of each position's next-token distribution.
 
@@ -38,8 +47,7 @@ def entropies(
         logits = logits_of(model, final[start : start + chunk])
         logp = torch.log_softmax(logits, dim=-1)
         full.append(-(logp.exp() * logp).sum(-1))
-        top_logp = torch.log_softmax(logits.topk(top_k, dim=-1).values, dim=-1)
-        top.append(-(top_logp.exp() * top_logp).sum(-1))
+        top.append(_restricted_entropy(logits.topk(min(top_k, logits.shape[-1]), dim=-1).values))
     return torch.cat(top), torch.cat(full)
 
 
@@ -93,19 +101,31 @@ def references(
     if head is None:
         return References(final, next_ids, torch.cat(next_logp))
     cat = torch.cat
-    return References(
-        final, next_ids, cat(next_logp), cat(neg_entropy), cat(mean_embedding), cat(bias_term), cat(top1)
-    )
+    return References(final, next_ids, cat(next_logp), cat(neg_entropy), cat(mean_embedding), cat(bias_term), cat(top1))
 
 
-def topk_entropy(model: PreTrainedModel, final: torch.Tensor, top_k: int = 10, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Top-k entropy alone, ``[tokens]``: only the k largest logits are normalised, so no
-    full-vocabulary softmax is computed (the prefill of a compressed generation pays for this one)."""
-    out = []
+def topk_entropies(
+    model: PreTrainedModel, final: torch.Tensor, ks: Iterable[int], chunk: int = DEFAULT_CHUNK
+) -> dict[int, torch.Tensor]:
+    """Top-k entropy ``[tokens]`` for each k of `ks`, from one pass over the logits: only the largest
+    k logits are normalised (no full-vocabulary softmax, which the prefill of a compressed generation
+    would pay for), and every smaller k reads the sorted top of the largest. A k beyond the vocabulary
+    takes the whole vocabulary."""
+    ks = sorted(set(ks))
+    out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for start in range(0, final.shape[0], chunk):
-        top_logp = torch.log_softmax(logits_of(model, final[start : start + chunk]).topk(top_k, dim=-1).values, dim=-1)
-        out.append(-(top_logp.exp() * top_logp).sum(-1))
-    return torch.cat(out)
+        logits = logits_of(model, final[start : start + chunk])
+        top = logits.topk(min(ks[-1], logits.shape[-1]), dim=-1, sorted=True).values
+        for k in ks:
+            out[k].append(_restricted_entropy(top[..., :k]))
+    return {k: torch.cat(parts) for k, parts in out.items()}
+
+
+def topk_entropy(
+    model: PreTrainedModel, final: torch.Tensor, top_k: int = TOP_K, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """Top-k entropy ``[tokens]`` for one k (see `topk_entropies`)."""
+    return topk_entropies(model, final, (top_k,), chunk)[top_k]
 
 
 def kl_and_agreement(

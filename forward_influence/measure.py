@@ -10,12 +10,13 @@ there is a single document).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .defaults import SINKS, TOP_K, WINDOW
 from .errors import InputError
 from .eviction import EvictionSpec
 from .influence import LAYER_BANDS, clean_run, evict, per_distance_frame
@@ -45,19 +46,37 @@ class InfluenceSettings:
     max_distance: int | None = None
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
-    sinks: int = 4
-    top_k: int = 10
-    window: int = 32
+    sinks: int = SINKS
+    top_k: int = TOP_K
+    window: int = WINDOW
     seed: int = 0
     batch_size: int = 4
 
 
-def eviction_time(trace: Trace, settings: InfluenceSettings) -> int:
+def eviction_time(trace: Trace, evict_at: int | None, sinks: int = SINKS) -> int:
+    """The eviction time t of a trace: `evict_at`, or the middle of the trace when None.
+
+    One rule for every command: t must leave a token to evict after the first `sinks` positions and a
+    position to measure after it, ``sinks <= t <= len(trace) - 2``; an `InputError` names the option
+    only when the user gave it.
+    """
     n = len(trace)
-    t = n // 2 if settings.evict_at is None else settings.evict_at
-    if t < 0 or t >= n - 1:
-        raise InputError(f"--evict-at {t} is beyond trace {trace.id!r} ({n} tokens; it must be < {n - 1})")
-    return t
+    if evict_at is None:
+        t = n // 2
+        if not sinks <= t <= n - 2:
+            raise InputError(
+                f"trace {trace.id!r} has {n} tokens, too few to evict a token after the first {sinks} "
+                "(the sinks) and measure a later one; use a longer trace"
+            )
+        return t
+    if evict_at < sinks:
+        raise InputError(
+            f"--evict-at {evict_at} must be at least {sinks}: the first {sinks} positions are "
+            "attention sinks, never evicted (see --sinks)"
+        )
+    if evict_at > n - 2:
+        raise InputError(f"--evict-at {evict_at} is beyond trace {trace.id!r} ({n} tokens; it must be < {n - 1})")
+    return evict_at
 
 
 def influence_by_distance(
@@ -75,7 +94,7 @@ def influence_by_distance(
     """
     selectors = selectors or {}
     names = [s if s in selectors else canonical(s) for s in selections]
-    times = [eviction_time(trace, settings) for trace in traces]  # bad input fails before any work
+    times = [eviction_time(trace, settings.evict_at, settings.sinks) for trace in traces]  # before any work
     frames = []
     for trace, t in tqdm(list(zip(traces, times)), desc="traces", unit="trace", disable=not progress):
         end = len(trace) if settings.max_distance is None else min(len(trace), t + 1 + settings.max_distance)

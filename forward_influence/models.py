@@ -14,9 +14,11 @@ process by its arguments. `trust_remote_code` is never enabled.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,35 @@ def _gguf_location(name: str) -> tuple[str, str] | None:
     return None
 
 
+def check_device(device: str) -> None:
+    """Raise `InputError` for a device this machine cannot use (before any model loads)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device: unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device: unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+
+
+def check_source(name: str) -> None:
+    """Raise `InputError` for a model source that cannot hold a model (before loading it)."""
+    if name in EMBEDDED_MODELS or not os.path.exists(name):
+        return
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise InputError(
+            f"--model {name}: the folder holds no model (no config.json; a .gguf file is passed by its path)"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise InputError(f"--model {name}: a model file must be a .gguf file")
+
+
 @functools.lru_cache(maxsize=4)
 def load_model(
     name: str = DEFAULT_MODEL,
@@ -94,6 +125,8 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_device(device)
+    check_source(name)
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     gguf = _gguf_location(name)
     try:
@@ -106,7 +139,8 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         if os.path.exists(name):
-            raise InputError(f"cannot load model from {name}: {str(exc).splitlines()[0]}") from exc
+            reason = " ".join(str(exc).split())  # the whole message on one line, never cut
+            raise InputError(f"cannot load a model from {name}: {reason}") from exc
         raise InputError(
             f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
             "a .gguf file, a local folder or a reachable hub id"
@@ -114,3 +148,22 @@ def load_model(
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's padding id, or its end-of-sequence id when it has none (generation needs one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@contextlib.contextmanager
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """Run `model`'s attention as `name` (a transformers attention implementation) for the block."""
+    before = model.config._attn_implementation
+    if before == name:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)

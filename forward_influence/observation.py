@@ -1,97 +1,79 @@
 """Observations: what a scoring policy may read about the cached tokens, per layer and per token.
 
 A compression policy decides from an `Observation` of the cache: per layer the cached keys and
-values, the last `window` query states, the attention each key has received from every query so far
-(H2O's cumulative attention) and each token's representation change across that layer; per token
-its top-k entropies and original position. The tracer builds observations offline (`observe`, one
-nnsight pass over a trace) and the compression runtime builds them online during generation; both
-use the functions of this module, so the same input gives the same scores.
+values with their original positions, the last queries, the attention each key has received from
+every query so far (H2O's cumulative attention) and the layer's RoPE frequencies; per token its top-k
+entropies, its representation change across each layer and its distance to the final layer, and the
+logit lens. A policy declares what it reads beyond keys, values and positions with `Reads`, so only
+that is computed. The tracer builds observations offline (`observe`, one nnsight pass over a trace)
+and the compression runtime builds them online during generation; both use the functions of this
+module and of `forward_influence.signals`, so the same input gives the same scores.
 
 Shapes, per layer: keys and values ``[batch, kv_heads, tokens, head_dim]`` (after RoPE, as cached),
 their original positions ``[batch, kv_heads, tokens]`` (heads may keep different tokens once a
-policy has evicted per head), queries ``[batch, heads, window, head_dim]`` with their positions
-``[window]``, cumulative attention ``[batch, heads, tokens]`` (in the cache order of each head's KV
-group). Per token, indexed by original position: entropies ``[batch, seen]`` and representation
-change ``[batch, layers, seen]``; a token's signals are fixed once it has been processed, so they
-never need re-indexing after an eviction.
+policy has evicted per head), queries ``[batch, heads, window, head_dim]`` (after norms and RoPE) with
+their positions ``[window]``, cumulative attention ``[batch, heads, tokens]`` (in the cache order of
+each head's KV group). Per token, indexed by original position: entropies ``[batch, seen]``,
+representation tables ``[batch, layers, seen]``; a token's signals are fixed once it has been
+processed, so they never need re-indexing after an eviction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from .logits import DEFAULT_CHUNK, topk_entropy
+from .attention import attention_probs, attention_received
+from .defaults import QUERY_WINDOW
+from .logits import DEFAULT_CHUNK, topk_entropies
+from .signals import distance_to_final, generated_alignment, representation_change
 from .tracer import Tracer
 
-QUERY_CHUNK = 256
+ALIGNMENTS = ("next", "generated")
 
 
-def attention_probs(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    scaling: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """Softmax attention ``[batch, heads, queries, keys]`` of `query` over `key` (GQA: keys repeated
-    over each group), causal by original position and limited to the sliding window if any."""
-    group = query.shape[1] // key.shape[1]
-    key = key.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(query.float(), key.transpose(-1, -2)) * scaling
-    if key_positions.dim() == 3:  # [batch, kv_heads, keys]: per-head positions
-        key_positions = key_positions.repeat_interleave(group, dim=1)[:, :, None, :]
-    else:
-        key_positions = key_positions[None, None, None, :]
-    q = query_positions[None, None, :, None]
-    visible = key_positions <= q
-    if sliding_window is not None:
-        visible = visible & (q - key_positions < sliding_window)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+@dataclass(frozen=True)
+class Reads:
+    """What an observation holds beyond each layer's keys, values and positions.
 
+    window: the recent queries a policy scores from (the observation keeps at least `QUERY_WINDOW`).
+    top_k: the k of each top-k entropy it reads.
+    cumulative_attention: the attention each key has received from every query so far.
+    layer_change: ``1 - cos`` of each token's residual stream across each layer.
+    final_distance: ``1 - cos`` between each token's stream after each layer and after the last one.
+    logit_lens: the k of each top-k entropy of the logit lens after every layer.
+    """
 
-def attention_received(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    scaling: float,
-    sliding_window: int | None = None,
-    chunk: int = QUERY_CHUNK,
-) -> torch.Tensor:
-    """Attention each key receives, summed over the queries: ``[batch, heads, keys]``, `chunk` queries
-    at a time (memory: ``chunk x keys`` scores per head). `key_positions` is ``[keys]`` or
-    ``[batch, kv_heads, keys]``."""
-    total = torch.zeros(query.shape[0], query.shape[1], key.shape[2], dtype=torch.float32, device=key.device)
-    for start in range(0, query.shape[2], chunk):
-        probs = attention_probs(
-            query[:, :, start : start + chunk], key, query_positions[start : start + chunk], key_positions,
-            scaling, sliding_window,
+    window: int = 0
+    top_k: frozenset[int] = frozenset()
+    cumulative_attention: bool = False
+    layer_change: bool = False
+    final_distance: bool = False
+    logit_lens: frozenset[int] = frozenset()
+
+    def __or__(self, other: Reads) -> Reads:
+        """Everything either reads (the longer window)."""
+        return Reads(
+            **{
+                f.name: max(getattr(self, f.name), getattr(other, f.name))
+                if f.name == "window"
+                else getattr(self, f.name) | getattr(other, f.name)
+                for f in fields(self)
+            }
         )
-        total += probs.sum(dim=2)
-    return total
 
-
-def lens_entropy(model, hidden: torch.Tensor, top_k: int = 10) -> torch.Tensor:
-    """Top-k entropy of the logit lens (final norm and output head applied to a layer's residual
-    stream ``[1, tokens, hidden]``): ``[1, tokens]``, computed a chunk of positions at a time."""
-    # .forward, not __call__: the norm's hooks (the runtime records final states there) must not fire.
-    normed = model.get_decoder().norm.forward(hidden.to(model.dtype))
-    return topk_entropy(model, normed[0].float(), top_k=top_k)[None]
-
-
-def evolution(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> torch.Tensor:
-    """Representation change across a layer, ``1 - cos(h_in, h_out)`` per token: ``[batch, tokens]``."""
-    return 1.0 - torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+    @property
+    def hidden(self) -> bool:
+        """Whether the residual stream of every layer must be read."""
+        return self.layer_change or self.final_distance or bool(self.logit_lens)
 
 
 @dataclass
 class LayerObservation:
-    """One layer's view of the cache (see the module docstring for shapes)."""
+    """One layer's view of the cache (see the module docstring for shapes). `inv_freq` holds the RoPE
+    inverse frequencies ``[rotary_dim / 2]`` of the layer (None for a model without RoPE)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -101,26 +83,37 @@ class LayerObservation:
     cumulative_attention: torch.Tensor | None
     scaling: float
     sliding_window: int | None = None
+    inv_freq: torch.Tensor | None = None
 
 
 @dataclass
 class Observation:
     """The cache as policies see it: per-layer views plus per-token signals by original position.
 
-    entropy_next[:, p] is the top-k entropy of the distribution at position p (predicting p+1; NaN
-    where not yet known), entropy_generated[:, p] that of the distribution that produced token p
-    (NaN for the first token), evolution[:, l, p] the change ``1 - cos`` of token p across layer l
-    (NaN where not read), logit_lens[:, l, p] the top-k entropy of the logit lens after layer l
-    (None unless requested: it costs one output-head pass per layer). `top_k` is the k of the
-    entropies.
+    entropy_next[k][:, p] is the top-k entropy of the distribution at position p (predicting p+1);
+    `entropy` also gives the generated alignment. layer_change[:, l, p] is ``1 - cos`` of token p across
+    layer l, final_distance[:, l, p] the cosine distance of its stream after layer l to its stream after
+    the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l (each None
+    or empty unless read). `prompt_length` is the number of prompt tokens when the observation is taken
+    while decoding (None when the whole trace is the prompt).
     """
 
     layers: list[LayerObservation]
-    entropy_next: torch.Tensor
-    entropy_generated: torch.Tensor
-    evolution: torch.Tensor
-    top_k: int = 10
-    logit_lens: torch.Tensor | None = None
+    entropy_next: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_change: torch.Tensor | None = None
+    final_distance: torch.Tensor | None = None
+    logit_lens: dict[int, torch.Tensor] = field(default_factory=dict)
+    prompt_length: int | None = None
+
+    def entropy(self, top_k: int, alignment: str) -> torch.Tensor:
+        """``[batch, seen]`` top-k entropy by position, ``next`` (at the token) or ``generated`` (the
+        distribution that produced it; NaN for the first token)."""
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+        if top_k not in self.entropy_next:
+            raise KeyError(f"the observation holds top-k entropies for k in {sorted(self.entropy_next)}, not {top_k}")
+        table = self.entropy_next[top_k]
+        return table if alignment == "next" else generated_alignment(table)
 
     def num_tokens(self, layer: int) -> int:
         return int(self.layers[layer].keys.shape[2])
@@ -140,26 +133,41 @@ class Observation:
         return attention_probs(queries, obs.keys, query_positions, obs.positions, obs.scaling, obs.sliding_window)
 
 
+def lens_entropies(model, hidden: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Top-k entropies of the logit lens (final norm and output head applied to a layer's residual
+    stream ``[1, tokens, hidden]``): ``{k: [1, tokens]}``, computed a chunk of positions at a time."""
+    # .forward, not __call__: the norm's hooks (the runtime records final states there) must not fire.
+    normed = model.get_decoder().norm.forward(hidden.to(model.dtype))
+    return {k: v[None] for k, v in topk_entropies(model, normed[0].float(), ks).items()}
+
+
+def rotary_frequencies(model, layer: int) -> torch.Tensor | None:
+    """The RoPE inverse frequencies of `layer` (models with per-layer-type RoPE, such as Gemma3, keep
+    one set per type), or None when the model has no rotary embedding."""
+    rotary = getattr(model.get_decoder(), "rotary_emb", None)
+    if rotary is None:
+        return None
+    types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    frequencies = getattr(rotary, f"{types[layer]}_inv_freq", None) if types else None
+    return frequencies if frequencies is not None else getattr(rotary, "inv_freq", None)
+
+
 def observe(
-    tracer: Tracer,
-    token_ids: Sequence[int] | torch.Tensor,
-    window: int = 64,
-    top_k: int = 10,
-    chunk: int = DEFAULT_CHUNK,
-    logit_lens: bool = False,
+    tracer: Tracer, token_ids: Sequence[int] | torch.Tensor, reads: Reads = Reads(), chunk: int = DEFAULT_CHUNK
 ) -> Observation:
-    """The observation of a cache holding `token_ids`, from one traced pass (batch 1)."""
+    """The observation of a cache holding `token_ids` with what `reads` asks for, from one traced pass
+    (batch 1). The last ``max(reads.window, QUERY_WINDOW)`` queries are kept."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
-    readout = tracer.run(ids[None], use_cache=True, hidden=True, queries=True)
+    readout = tracer.run(ids[None], use_cache=True, hidden=reads.hidden, queries=True)
     positions = torch.arange(len(ids), device=tracer.device)
-    entropy_next = topk_entropy(tracer.model, readout.final[0], top_k=top_k, chunk=chunk)
-    entropy_generated = torch.cat([torch.full((1,), float("nan")), entropy_next[:-1]])
+    window = max(reads.window, QUERY_WINDOW)
     layers = []
     for index, module in enumerate(tracer.model.get_decoder().layers):
-        attention = module.self_attn
-        cached = readout.cache.layers[index]
-        window_size = tracer.layout.windows[index]
-        query = readout.queries[index]
+        attention, cached = module.self_attn, readout.cache.layers[index]
+        sliding, query = tracer.layout.windows[index], readout.queries[index]
+        received = None
+        if reads.cumulative_attention:
+            received = attention_received(query, cached.keys, positions, positions, attention.scaling, sliding)
         layers.append(
             LayerObservation(
                 keys=cached.keys,
@@ -167,15 +175,28 @@ def observe(
                 positions=positions.expand(*cached.keys.shape[:3]),
                 queries=query[:, :, -window:],
                 query_positions=positions[-window:],
-                cumulative_attention=attention_received(
-                    query, cached.keys, positions, positions, attention.scaling, window_size
-                ),
+                cumulative_attention=received,
                 scaling=attention.scaling,
-                sliding_window=window_size,
+                sliding_window=sliding,
+                inv_freq=rotary_frequencies(tracer.model, index),
             )
         )
-    change = torch.stack([evolution(readout.hidden[i], readout.hidden[i + 1]) for i in range(len(layers))], dim=1)
-    lens = None
-    if logit_lens:
-        lens = torch.stack([lens_entropy(tracer.model, h, top_k) for h in readout.hidden[1:]], dim=1)
-    return Observation(layers, entropy_next[None], entropy_generated[None], change, top_k=top_k, logit_lens=lens)
+    entropy = (
+        {k: v[None] for k, v in topk_entropies(tracer.model, readout.final[0], reads.top_k, chunk).items()}
+        if reads.top_k
+        else {}
+    )
+    outputs = readout.hidden[1:] if reads.hidden else None  # [layers, 1, tokens, hidden]
+    lens = {}
+    if reads.logit_lens:
+        per_layer = [lens_entropies(tracer.model, h, sorted(reads.logit_lens)) for h in outputs]
+        lens = {k: torch.stack([p[k] for p in per_layer], dim=1) for k in reads.logit_lens}
+    return Observation(
+        layers,
+        entropy,
+        layer_change=representation_change(readout.hidden[:-1], outputs).transpose(0, 1)
+        if reads.layer_change
+        else None,
+        final_distance=distance_to_final(outputs).transpose(0, 1) if reads.final_distance else None,
+        logit_lens=lens,
+    )

@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import pandas as pd
 
@@ -48,3 +49,13 @@ def write_table(df: pd.DataFrame, path: str | Path, fmt: str | None = None) -> P
         else:
             df.to_csv(tmp, index=False)
     return path
+
+
+def data_home() -> Path:
+    """The per-user folder for what the toolkit writes for later runs (calibrations, reference
+    generations): ``$FORWARD_INFLUENCE_HOME``, else ``$XDG_DATA_HOME/forward-influence`` (by default
+    ``~/.local/share/forward-influence``)."""
+    home = os.environ.get("FORWARD_INFLUENCE_HOME")
+    if home:
+        return Path(home)
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "forward-influence"

@@ -17,19 +17,17 @@ Distances past the end of the trace are left out of each mean and sum.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .defaults import FAR_FROM, NEAR
 from .errors import InputError
 from .eviction import EvictionSpec, build_masks
 from .influence import CleanRun, Divergence, clean_run, evict
 from .tracer import Tracer
-
-NEAR = (1, 8)
-FAR_FROM = 33
 
 
 def scan_divergence(
@@ -122,3 +120,21 @@ def naive_token_kl(
     kl = np.full(max_distance, np.nan)
     kl[: len(p)] = (p.exp() * (p - q)).sum(-1).cpu().numpy()
     return kl
+
+
+def scan_at(
+    tracer: Tracer,
+    clean: CleanRun,
+    time: int,
+    positions: Sequence[int],
+    max_distance: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Divergence:
+    """KL and top-1 agreement ``[len(positions), max_distance]`` for each token of `positions` evicted
+    alone at the common eviction time `time` (a compressor's view: what evicting one token now costs
+    the next D positions). `clean` must cover at least ``time + max_distance + 1`` tokens."""
+    if any(not 0 <= p <= time for p in positions):
+        raise InputError(f"scanned positions must lie in [0, {time}] (the eviction time)")
+    specs = [EvictionSpec((int(p),), time) for p in positions]
+    return evict(tracer, clean, specs, max_distance, batch_size=batch_size, hidden=False, progress=progress)

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .defaults import SINKS
 from .errors import InputError
 from .signals import SIGNALS, TokenSignals
 
-ALIASES = {"entropy": "entropy_next", "attention": "attention_snapkv", "snapkv": "attention_snapkv", "h2o": "attention_h2o"}
+ALIASES = {
+    "entropy": "entropy_next",
+    "attention": "attention_snapkv",
+    "snapkv": "attention_snapkv",
+    "h2o": "attention_h2o",
+}
 SELECTIONS = SIGNALS + ("random",)
 
 
@@ -29,7 +35,7 @@ def canonical(name: str) -> str:
 
 
 def select_top(
-    scores: np.ndarray, fraction: float, time: int, sinks: int = 4, seed: int | None = None
+    scores: np.ndarray, fraction: float, time: int, sinks: int = SINKS, seed: int | None = None
 ) -> tuple[int, ...]:
     """Positions of the top `fraction` of ``scores[sinks..time]`` (random if `scores` is None)."""
     if not 0 < fraction < 1:
@@ -45,7 +51,7 @@ def select_top(
 
 
 def select(
-    signals: TokenSignals, name: str, fraction: float, time: int, sinks: int = 4, seed: int = 0
+    signals: TokenSignals, name: str, fraction: float, time: int, sinks: int = SINKS, seed: int = 0
 ) -> tuple[int, ...]:
     """Select by a signal name (or ``random``); `signals` must be read on the prefix ``0..time``."""
     name = canonical(name)

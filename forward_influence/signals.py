@@ -5,18 +5,22 @@ For a trace of T tokens, `token_signals` returns, per token i:
 - ``entropy_next``: top-k entropy (nats) of the next-token distribution at position i (the one that
   predicts token i+1),
 - ``entropy_generated``: top-k entropy of the distribution that produced token i, i.e. the one at
-  position i-1 (NaN for the first token),
+  position i-1 (NaN for the first token; `generated_alignment`),
 - ``entropy_full``: full-vocabulary entropy of the distribution at position i,
 - ``attention_snapkv``: attention token i receives from the last `window` queries of the trace,
   averaged over those queries (SnapKV-style), per layer and query head, and its mean over both,
 - ``attention_h2o``: attention token i receives summed over every query of the trace (H2O-style
   cumulative attention), per layer and query head, and its mean over both,
 - ``evolution``: layer-wise representation change, ``1 - cos(h_in, h_out)`` between token i's residual
-  stream before and after each layer, and its mean over layers.
+  stream before and after each layer (`representation_change`), and its mean over layers.
 
-Top-k entropy renormalises the k most probable tokens (k = `top_k`, default 10). Logits are made
-from the final hidden states a chunk at a time, so memory stays bounded on long traces. Attention
-probabilities need eager attention; the pass switches to it for the attention signals only.
+Top-k entropy renormalises the k most probable tokens (k = `top_k`, default `defaults.TOP_K`).
+Logits are made from the final hidden states a chunk at a time, so memory stays bounded on long
+traces. Attention is recomputed from the query states and cached keys the pass reads
+(`forward_influence.attention`), the same function the compression runtime uses.
+
+The rules shared with the observations of `forward_influence.observation` live here:
+`generated_alignment`, `representation_change` and `distance_to_final`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .attention import attention_received
+from .defaults import TOP_K, WINDOW
 from .logits import DEFAULT_CHUNK, entropies
 from .tracer import Tracer
 
@@ -38,6 +44,25 @@ SIGNALS = (
     "attention_h2o",
     "evolution",
 )
+
+
+def generated_alignment(entropy_next: torch.Tensor) -> torch.Tensor:
+    """``[..., seen]`` next-alignment entropies shifted one position right: entry i is the entropy of
+    the distribution that produced token i (NaN for the first token), on the same device and dtype."""
+    first = torch.full_like(entropy_next[..., :1], float("nan"))
+    return torch.cat([first, entropy_next[..., :-1]], dim=-1)
+
+
+def representation_change(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> torch.Tensor:
+    """Change of each token's residual stream across one layer, ``1 - cos(h_in, h_out)``: ``[..., tokens]``."""
+    return 1.0 - torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+
+
+def distance_to_final(outputs: torch.Tensor) -> torch.Tensor:
+    """InfoKV's representation evolution D: the cosine distance between each token's residual stream
+    after layer l and after the last layer, ``1 - cos(h_l, h_L)``. `outputs` is ``[layers, ..., tokens,
+    hidden]`` (the stream after each layer); returns ``[layers, ..., tokens]`` (0 at the last layer)."""
+    return representation_change(outputs, outputs[-1:].expand_as(outputs))
 
 
 @dataclass
@@ -55,8 +80,8 @@ class TokenSignals:
     evolution_layers: np.ndarray
     attention_snapkv_layers: np.ndarray | None = None
     attention_h2o_layers: np.ndarray | None = None
-    top_k: int = 10
-    window: int = 32
+    top_k: int = TOP_K
+    window: int = WINDOW
 
     @property
     def evolution(self) -> np.ndarray:
@@ -95,27 +120,37 @@ class TokenSignals:
 def token_signals(
     tracer: Tracer,
     token_ids: list[int] | torch.Tensor,
-    top_k: int = 10,
-    window: int = 32,
+    top_k: int = TOP_K,
+    window: int = WINDOW,
     attention: bool = True,
     chunk: int = DEFAULT_CHUNK,
 ) -> TokenSignals:
     """Read every signal of one trace in one traced pass (see the module docstring)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
-    readout = tracer.run(ids[None], hidden=True, attention_window=window if attention else None)
+    readout = tracer.run(ids[None], hidden=True, use_cache=attention, queries=attention)
     entropy_top, entropy_all = entropies(tracer.model, readout.final[0], top_k=top_k, chunk=chunk)
-    entropy_next = entropy_top.cpu().numpy()
-    generated = np.concatenate([[np.nan], entropy_next[:-1]])
     hidden = readout.hidden[:, 0]  # [layers + 1, tokens, hidden]
-    cos = torch.nn.functional.cosine_similarity(hidden[:-1], hidden[1:], dim=-1)
+    snapkv = h2o = None
+    if attention:
+        positions = torch.arange(len(ids), device=tracer.device)
+        recent = min(window, len(ids))
+        sums, windows = [], []
+        for index, module in enumerate(tracer.model.get_decoder().layers):
+            query, key = readout.queries[index], readout.cache.layers[index].keys
+            args = (module.self_attn.scaling, tracer.layout.windows[index])
+            sums.append(attention_received(query, key, positions, positions, *args)[0])
+            windows.append(
+                attention_received(query[:, :, -recent:], key, positions[-recent:], positions, *args)[0] / recent
+            )
+        snapkv, h2o = torch.stack(windows).cpu().numpy(), torch.stack(sums).cpu().numpy()
     return TokenSignals(
         token_ids=ids.tolist(),
-        entropy_generated=generated,
-        entropy_next=entropy_next,
+        entropy_generated=generated_alignment(entropy_top).cpu().numpy(),
+        entropy_next=entropy_top.cpu().numpy(),
         entropy_full=entropy_all.cpu().numpy(),
-        evolution_layers=(1.0 - cos).cpu().numpy(),
-        attention_snapkv_layers=None if not attention else readout.attention_window[:, 0].cpu().numpy(),
-        attention_h2o_layers=None if not attention else readout.attention_sum[:, 0].cpu().numpy(),
+        evolution_layers=representation_change(hidden[:-1], hidden[1:]).cpu().numpy(),
+        attention_snapkv_layers=snapkv,
+        attention_h2o_layers=h2o,
         top_k=top_k,
         window=window,
     )

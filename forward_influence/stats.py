@@ -1,14 +1,24 @@
 """Distance buckets and confidence intervals for Forward Influence tables.
 
 Distances d = q - t count query positions after the eviction time t (d >= 1). The default buckets
-are 1-8, 9-32, 33-128, 129-512 and 513+. Intervals are two-sided 95% Student-t intervals of the mean
-(`scipy.stats.t`), Wilson score intervals for shares of 0/1 outcomes; with fewer than two values the
-interval is NaN.
+are 1-8, 9-32, 33-128, 129-512 and 513+.
+
+Intervals of a mean (two-sided, 95% by default) respect the quantity:
+
+- shares of 0/1 outcomes (exact match, accuracy): the Wilson score interval (`scipy.stats.binomtest`),
+  which stays inside [0, 1] and is not degenerate at 0/n or n/n;
+- non-negative values (a KL, a distance, an age, a share): the percentile bootstrap of the mean
+  (`scipy.stats.bootstrap`, 9999 resamples, a fixed seed so reruns give identical tables), which
+  cannot reach below zero, as a Student-t interval of a skewed quantity does;
+- anything else (differences, correlations, NLL changes of either sign): the Student-t interval
+  (`scipy.stats.t`).
+
+With fewer than two values the interval is NaN.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,12 +45,11 @@ def parse_edges(text: str) -> tuple[int, ...]:
     return edges
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the Student-t confidence interval of the mean, ignoring NaN.
+BOOTSTRAP_RESAMPLES = 9999
 
-    Values that are all 0 or 1 are a share (exact match, accuracy): they get the Wilson score
-    interval instead, which stays inside [0, 1] and is not degenerate at 0/n or n/n.
-    """
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the confidence interval of the mean, ignoring NaN (which interval: the module docstring)."""
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
     if x.size == 0:
@@ -51,10 +60,19 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     if np.isin(x, (0.0, 1.0)).all():
         interval = stats.binomtest(int(x.sum()), x.size).proportion_ci(confidence, method="wilson")
         return mean, float(interval.low), float(interval.high)
-    sem = stats.sem(x)
-    if sem == 0:
+    if np.all(x == x[0]):
         return mean, mean, mean
-    lo, hi = stats.t.interval(confidence, x.size - 1, loc=mean, scale=sem)
+    if (x >= 0).all():
+        interval = stats.bootstrap(
+            (x,),
+            np.mean,
+            confidence_level=confidence,
+            n_resamples=BOOTSTRAP_RESAMPLES,
+            method="percentile",
+            random_state=0,
+        ).confidence_interval
+        return mean, float(interval.low), float(interval.high)
+    lo, hi = stats.t.interval(confidence, x.size - 1, loc=mean, scale=stats.sem(x))
     return mean, float(lo), float(hi)
 
 
@@ -77,7 +95,9 @@ def by_bucket(frame: pd.DataFrame, value_columns: Sequence[str], edges: Sequence
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
-def group_ci(frame: pd.DataFrame, groups: Sequence[str], values: Sequence[str], confidence: float = 0.95) -> pd.DataFrame:
+def group_ci(
+    frame: pd.DataFrame, groups: Sequence[str], values: Sequence[str], confidence: float = 0.95
+) -> pd.DataFrame:
     """Per group of `groups`: ``n`` rows and ``<value>_mean, <value>_ci_low, <value>_ci_high`` (`mean_ci`)."""
     rows = []
     for key, group in frame.groupby(list(groups), sort=False):

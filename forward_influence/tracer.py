@@ -7,9 +7,10 @@ traced pass of the toolkit. In that pass it can
 - read the residual stream before the first layer and after every layer (``hidden``),
 - read the final normed hidden states (``final``; logits are made from them in chunks, see
   `forward_influence.logits`),
-- read attention probabilities, reduced at once to what the attention signals need: the mean over the
-  last `window` queries (SnapKV-style) and the sum over all queries (H2O-style), per layer and head,
-- extend a transformers `DynamicCache`, so later passes can start from it.
+- read the query states each attention layer receives (after projections, norms and RoPE), from
+  which `forward_influence.attention` recomputes the attention a cached key receives,
+- extend a transformers `DynamicCache`, so later passes can start from it (its keys are the other
+  half of the attention readout).
 
 Forward Influence passes start from a cache of the clean run (positions up to the eviction time are
 unaffected by an eviction at that time, so they are computed once) and run only the suffix, with one
@@ -19,9 +20,8 @@ effects, so the same pass runs remotely (NDIF) where nnsight supports it.
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import nnsight
 import torch
@@ -40,10 +40,6 @@ class Readout:
     final: ``[batch, tokens, hidden]`` final normed hidden states.
     hidden: ``[layers + 1, batch, tokens, hidden]`` residual stream (embeddings, then after each layer),
         or None.
-    attention_window: ``[layers, batch, heads, keys]`` attention each key receives, averaged over the
-        last `window` queries of the pass, or None.
-    attention_sum: ``[layers, batch, heads, keys]`` attention each key receives, summed over all
-        queries of the pass, or None.
     queries: per layer, the query states ``[batch, heads, tokens, head_dim]`` as the attention
         function receives them (after projections, norms and RoPE), or None.
     cache: the `DynamicCache` after the pass, when one was used.
@@ -51,8 +47,6 @@ class Readout:
 
     final: torch.Tensor
     hidden: torch.Tensor | None = None
-    attention_window: torch.Tensor | None = None
-    attention_sum: torch.Tensor | None = None
     queries: list[torch.Tensor] | None = None
     cache: DynamicCache | None = None
 
@@ -87,19 +81,6 @@ class Tracer:
         self._layers = list(base.layers)
         self._norm = base.norm
 
-    @contextlib.contextmanager
-    def attention_implementation(self, name: str) -> Iterator[None]:
-        """Temporarily run attention as `name` (``eager`` is the one that returns probabilities)."""
-        before = self.model.config._attn_implementation
-        if before == name:
-            yield
-            return
-        self.model.set_attn_implementation(name)
-        try:
-            yield
-        finally:
-            self.model.set_attn_implementation(before)
-
     def run(
         self,
         input_ids: torch.Tensor,
@@ -109,16 +90,13 @@ class Tracer:
         cache: DynamicCache | None = None,
         use_cache: bool = False,
         hidden: bool = False,
-        attention_window: int | None = None,
         queries: bool = False,
     ) -> Readout:
         """One traced forward pass over ``input_ids [batch, tokens]``.
 
         `masks` holds one additive mask per layer (see `build_masks`); layers sharing the first
         layer's tensor take it from the model's input, the others get theirs written into their
-        attention inputs. `attention_window` (an int) reads attention probabilities under eager
-        attention and reduces them at once (memory per layer: one ``[batch, heads, tokens, keys]``
-        probability tensor, transient).
+        attention inputs. The pass runs under the model's own attention implementation.
         """
         input_ids = input_ids.to(self.device)
         if cache is None and use_cache:
@@ -128,12 +106,10 @@ class Tracer:
             kwargs["position_ids"] = position_ids.to(self.device)
         if masks is not None:
             kwargs["attention_mask"] = masks[0]
-        read_attention = attention_window is not None
-        impl = "eager" if read_attention else self.model.config._attn_implementation
-        with self.attention_implementation(impl), torch.no_grad():
+        with torch.no_grad():
             with self.lm.trace(input_ids, **kwargs):
                 states = nnsight.save([self._embed.output] if hidden else [])
-                windows, sums, query_states = nnsight.save([]), nnsight.save([]), nnsight.save([])
+                query_states = nnsight.save([])
                 for index, layer in enumerate(self._layers):
                     if masks is not None and masks[index] is not masks[0]:
                         args, kw = layer.self_attn.inputs
@@ -142,18 +118,12 @@ class Tracer:
                         # The attention function's call site: (module, query, key, value, mask, ...).
                         call_args, _ = layer.self_attn.source.attention_interface_1.inputs
                         query_states.append(call_args[1].float())
-                    if read_attention:
-                        probs = layer.self_attn.output[1].float()
-                        windows.append(probs[:, :, -attention_window:, :].mean(dim=2))
-                        sums.append(probs.sum(dim=2))
                     if hidden:
                         states.append(layer.output)
                 final = nnsight.save(self._norm.output)
         return Readout(
             final=final.float(),
             hidden=torch.stack(states).float() if hidden else None,
-            attention_window=torch.stack(windows) if read_attention else None,
-            attention_sum=torch.stack(sums) if read_attention else None,
             queries=list(query_states) if queries else None,
             cache=cache,
         )

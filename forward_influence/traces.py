@@ -15,6 +15,7 @@ embedded SmolLM2 GGUF tokenizer adds no BOS to plain text).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ class Trace:
         return len(self.token_ids)
 
 
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
+def chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], int]:
     """Token ids of a chat-formatted prompt + completion, and the prompt's length in tokens."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
@@ -56,8 +57,7 @@ def _chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) 
 
 
 def _from_record(record: dict, where: str, tokenizer: PreTrainedTokenizerBase) -> Trace:
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object")
+    _check_record(record, where)
     trace_id = str(record.get("id", where))
     if "token_ids" in record:
         ids = record["token_ids"]
@@ -68,11 +68,9 @@ def _from_record(record: dict, where: str, tokenizer: PreTrainedTokenizerBase) -
             raise InputError(f"{where}: a token id is outside the vocabulary (0..{vocab - 1})")
         return Trace(trace_id, list(ids), int(record.get("prompt_length", 0)), {"source": where})
     if "prompt" in record and "completion" in record:
-        ids, n_prompt = _chat_ids(tokenizer, str(record["prompt"]), str(record["completion"]))
+        ids, n_prompt = chat_ids(tokenizer, str(record["prompt"]), str(record["completion"]))
         return Trace(trace_id, ids, n_prompt, {"source": where})
-    if "text" in record:
-        return Trace(trace_id, tokenizer(str(record["text"])).input_ids, 0, {"source": where})
-    raise InputError(f"{where}: needs 'text', 'prompt' + 'completion', or 'token_ids'")
+    return Trace(trace_id, tokenizer(str(record["text"])).input_ids, 0, {"source": where})
 
 
 def _parse_jsonl(lines: list[str], source: str, tokenizer: PreTrainedTokenizerBase) -> list[Trace]:
@@ -116,9 +114,8 @@ def read_traces(
         else:
             traces = [Trace("stdin", tokenizer(text).input_ids if text.strip() else [], 0, {})]
     else:
+        check_spec(spec)
         path = Path(spec)
-        if not path.is_file():
-            raise InputError(f"no such trace file: {spec}")
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
             traces = _parse_jsonl(text.splitlines(), str(path), tokenizer)
@@ -132,3 +129,80 @@ def read_traces(
         if len(trace) == 0:
             raise InputError(f"{spec}: trace {trace.id!r} is empty")
     return traces
+
+
+def _check_record(record: object, where: str) -> None:
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    if not ("token_ids" in record or ("prompt" in record and "completion" in record) or "text" in record):
+        raise InputError(f"{where}: needs 'text', 'prompt' + 'completion', or 'token_ids'")
+
+
+def check_spec(spec: str) -> None:
+    """Refuse, without a tokenizer (so before any model loads), a trace spec that cannot be read: a
+    missing essay or file, a file that is binary or not UTF-8, a JSONL line that is not a trace record."""
+    if spec == "-":
+        return
+    if spec.startswith("essay:"):
+        corpus.match_essays(spec.removeprefix("essay:"))
+        return
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"no such trace file: {spec}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{spec}: cannot be read ({exc.strerror})") from None
+    if b"\x00" in data:
+        raise InputError(f"{spec}: a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{spec}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{spec} line {number}: malformed JSON ({exc.msg})") from None
+                _check_record(record, f"{spec} line {number}")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def readout_bytes(config, tokens: int) -> int:
+    """About the float32 bytes a traced readout of `tokens` tokens holds at once: the residual stream
+    of every layer, every layer's queries, and the cached keys and values."""
+    text = config.get_text_config(decoder=True)
+    layers, hidden = text.num_hidden_layers, text.hidden_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return 4 * tokens * ((layers + 1) * hidden + layers * heads * head_dim + 2 * layers * kv_heads * head_dim)
+
+
+def check_context(traces: list[Trace], model) -> None:
+    """Refuse a trace longer than the model's context, or one whose readout would not fit in memory,
+    naming the ``--max-tokens`` that would fit."""
+    text = model.config.get_text_config(decoder=True)
+    context = getattr(text, "max_position_embeddings", None)
+    memory = _memory_bytes()
+    for trace in traces:
+        if context is not None and len(trace) > context:
+            raise InputError(
+                f"trace {trace.id!r} has {len(trace)} tokens, more than the model's context of "
+                f"{context}; pass --max-tokens {context} (or fewer)"
+            )
+        if memory is not None and readout_bytes(model.config, len(trace)) > memory // 2:
+            fits = memory // 2 // readout_bytes(model.config, 1)
+            raise InputError(
+                f"trace {trace.id!r} has {len(trace)} tokens: reading it would need about "
+                f"{readout_bytes(model.config, len(trace)) / 2**30:.0f} GiB, more than half this "
+                f"machine's memory; pass --max-tokens {fits}"
+            )

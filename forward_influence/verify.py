@@ -27,6 +27,7 @@ from transformers import AttentionInterface, DynamicCache
 from .errors import InputError
 from .eviction import EvictionSpec, build_masks
 from .logits import logits_of
+from .models import attention_implementation
 from .tracer import Tracer, expand_cache
 
 TOLERANCE = 1e-3
@@ -56,12 +57,10 @@ def physical_logits(tracer: Tracer, ids: torch.Tensor, spec: EvictionSpec) -> to
     """Logits ``[tokens after t, vocab]`` of decoding `ids` (1-D) past t with `spec` evicted physically."""
     model, t = tracer.model, spec.time
     layers = range(tracer.layout.num_layers) if spec.layers is None else spec.layers
-    before = model.config._attn_implementation
     try:
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
             model(ids[None, : t + 1].to(tracer.device), past_key_values=cache, use_cache=True)
-            model.set_attn_implementation(_PHYSICAL)
             _KEPT_PER_HEAD.clear()
             for layer in layers:
                 if tracer.layout.windows[layer] is not None:
@@ -74,20 +73,20 @@ def physical_logits(tracer: Tracer, ids: torch.Tensor, spec: EvictionSpec) -> to
                     # Keys appended after t stay visible: extend the kept set as decoding goes.
                     _KEPT_PER_HEAD[layer] = {h: kept for h in spec.heads}
             logits = []
-            for position in range(t + 1, ids.shape[0]):
-                for layer_kept in _KEPT_PER_HEAD.values():
-                    for h, kept in layer_kept.items():
-                        layer_kept[h] = torch.cat([kept, torch.tensor([position], device=kept.device)])
-                out = model(
-                    ids[None, position : position + 1].to(tracer.device),
-                    position_ids=torch.tensor([[position]], device=tracer.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                logits.append(out.logits[0, -1].float())
+            with attention_implementation(model, _PHYSICAL):
+                for position in range(t + 1, ids.shape[0]):
+                    for layer_kept in _KEPT_PER_HEAD.values():
+                        for h, kept in layer_kept.items():
+                            layer_kept[h] = torch.cat([kept, torch.tensor([position], device=kept.device)])
+                    out = model(
+                        ids[None, position : position + 1].to(tracer.device),
+                        position_ids=torch.tensor([[position]], device=tracer.device),
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                    logits.append(out.logits[0, -1].float())
     finally:
         _KEPT_PER_HEAD.clear()
-        model.set_attn_implementation(before)
     return torch.stack(logits)
 
 

@@ -1,43 +1,54 @@
 """The compression runtime: a transformers cache that scores and physically evicts during generation.
 
-`CompressedCache` is a `DynamicCache`. While it is active (`compressing(model, cache)`, or
-`generate`), hooks record what its policy needs, online, through the same functions the tracer's
-offline `observe` uses: each layer's last query states and the attention each key has received
-(an attention function registered with transformers' `AttentionInterface` wraps the model's own
-``sdpa`` or ``eager`` one), each token's representation change across every layer (decoder-layer
-hooks), and each token's top-k entropy from the final hidden states (computed a chunk of positions at
-a time, so a long prompt never materialises ``[tokens, vocab]`` logits).
+`CompressedCache` is a `DynamicCache` whose full-attention layers are `CompressedLayer`s (transformers'
+extension point for per-layer cache state): each remembers the original position of every entry and
+what its policy reads about the layer. While the cache is active (`compressing(model, cache)`, or
+`generate` / `teacher_forced`), hooks record what the policy declares in `Policy.reads`, online,
+through the same functions the tracer's offline observation uses: each layer's recent query states
+and the attention each key has received (an attention function registered with transformers'
+`AttentionInterface` wraps the model's own ``sdpa`` or ``eager`` one), each token's representation
+change across every layer and its distance to the last layer (decoder-layer hooks), and its top-k
+entropies from the final hidden states (computed a chunk of positions at a time, so a long prompt
+never materialises ``[tokens, vocab]`` logits).
 
-Eviction happens at the start of a forward pass, before its queries attend: after the prefill when
-the prompt exceeds the budget, then whenever a layer holds more than budget + `buffer` tokens
-(R-KV's schedule). The budget is fixed at the prefill: a ratio is taken of the prompt length, a
-count may exceed the prompt (then only decoding evicts, as for reasoning traces). Each
-KV head keeps the same number of entries (its own top-scoring ones), so the cache stays dense.
-Kept keys keep their RoPE rotation of their original positions (no re-rotation): generation
-passes the original position ids, so compressed generation equals the tracer's masked simulation
-of the same evictions (`replay_specs`). Sliding-window layers (Gemma3) keep their own window and
-are not compressed. Batch size 1 only: a batch of several sequences is refused.
+Schedule. A compression happens at the start of a forward pass, before its queries attend: after the
+prefill when the prompt exceeds the budget, then once a layer holds its budget + `buffer` tokens, so
+`buffer` is the compression interval (R-KV's 128; the InfoKV paper's 1024). The budget of a
+compression is `Budget.target` of the prompt and the tokens seen (fixed for a ratio or a count,
+growing for ``prompt+RATIO``). Each KV head keeps the same number of entries (its own top-scoring
+ones), so the cache stays dense. Kept keys keep their RoPE rotation of their original positions (no
+re-rotation): the cache reports the original length, and each layer offsets its causal mask by the
+tokens it has evicted, so a block of new tokens attends exactly as it would one token at a time, and
+compressed generation equals the tracer's masked simulation of the same evictions (`replay_specs`).
+Sliding-window layers (Gemma3) keep their own window and are not compressed. Batch size 1 only.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from forward_influence.attention import attention_received
+from forward_influence.defaults import QUERY_WINDOW
 from forward_influence.errors import InputError
-from forward_influence.eviction import EvictionSpec
-from forward_influence.logits import topk_entropy
-from forward_influence.observation import LayerObservation, Observation, attention_received, evolution, lens_entropy
+from forward_influence.eviction import EvictionSpec, evictions
+from forward_influence.logits import logits_of, topk_entropies
+from forward_influence.models import attention_implementation
+from forward_influence.observation import LayerObservation, Observation, lens_entropies, rotary_frequencies
+from forward_influence.signals import distance_to_final, representation_change
 
-from .budget import Budget, kept_indices
+from .budget import Budget, layer_scores, top_indices
 from .policies import Policy
 
+BUFFER = 128
+SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.9)
 _NAME = "kv_compression_{}"
 _RECORDER = "_kv_compression_cache"
 
@@ -58,13 +69,56 @@ for _base in ("sdpa", "eager"):
     AttentionMaskInterface.register(_NAME.format(_base), ALL_MASK_ATTENTION_FUNCTIONS[_base])
 
 
-@dataclass
-class _LayerState:
-    positions: torch.Tensor | None = None  # [1, kv_heads, tokens]
-    queries: torch.Tensor | None = None  # [1, heads, <= window, head_dim]
-    query_positions: torch.Tensor | None = None
-    cumulative: torch.Tensor | None = None  # [1, heads, tokens]
-    scaling: float = 1.0
+class CompressedLayer(DynamicLayer):
+    """A full-attention cache layer that evicts: its entries' original positions ``[1, kv_heads,
+    tokens]``, the last recorded queries with their positions, the attention each entry has received
+    (when the policy reads it) and the attention scaling. `evicted` counts the entries it has dropped,
+    so it reports the original length and offsets its causal mask by them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
+        self.query_positions: torch.Tensor | None = None
+        self.cumulative: torch.Tensor | None = None
+        self.scaling = 1.0
+        self.evicted = 0
+
+    def add_positions(self, step: torch.Tensor, kv_heads: int) -> None:
+        fresh = step.expand(1, kv_heads, -1)
+        self.positions = fresh if self.positions is None else torch.cat([self.positions, fresh], dim=2)
+
+    def record(
+        self, query: torch.Tensor, key: torch.Tensor, step: torch.Tensor, window: int, cumulative: bool, scaling: float
+    ) -> None:
+        """Keep the last `window` queries; add this step's attention to each entry's running total."""
+        self.scaling = scaling
+        queries = query.detach().float() if self.queries is None else torch.cat([self.queries, query.float()], dim=2)
+        positions = step if self.query_positions is None else torch.cat([self.query_positions, step])
+        self.queries, self.query_positions = queries[:, :, -window:], positions[-window:]
+        if cumulative:
+            received = attention_received(query, key, step, self.positions, scaling)
+            if self.cumulative is not None:
+                received[:, :, : self.cumulative.shape[2]] += self.cumulative
+            self.cumulative = received
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the entries at cache indices ``index [1, kv_heads, k]``; drop the others."""
+        gather = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.evicted += self.keys.shape[2] - index.shape[2]
+        self.keys, self.values = self.keys.gather(2, gather), self.values.gather(2, gather)
+        self.positions = self.positions.gather(2, index)
+        if self.cumulative is not None:
+            group = self.cumulative.shape[1] // index.shape[1]
+            self.cumulative = self.cumulative.gather(2, index.repeat_interleave(group, dim=1))
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() + self.evicted
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Key j of the cache stands at mask index evicted + j: every kept key lies before the new
+        # queries' original positions, and the new keys stay causal among themselves.
+        return super().get_seq_length() + query_length, self.evicted
 
 
 @dataclass
@@ -78,71 +132,76 @@ class Compression:
 
 
 class CompressedCache(DynamicCache):
-    """A `DynamicCache` that keeps `budget` tokens per layer, chosen by `policy` (see the module docstring).
+    """A `DynamicCache` that keeps a budget of tokens per layer, chosen by `policy` (see the module
+    docstring).
 
-    Attributes after generation: `seen` (tokens processed), `budget_tokens` and `layer_targets` (the
-    per-layer budgets fixed at the prefill), `compressions` (the eviction events), `last_observation`
-    (what the policy scored at the last eviction).
+    Attributes after generation: `seen` (tokens processed), `prompt_length`, `planned` (the per-layer
+    budgets of the last compression), `compressions` (the eviction events), `last_observation` (what
+    the policy scored at the last eviction).
     """
 
-    def __init__(self, model: PreTrainedModel, policy: Policy, budget: Budget, buffer: int = 128,
-                 window: int = 64, top_k: int | None = None):
+    def __init__(self, model: PreTrainedModel, policy: Policy, budget: Budget, buffer: int = BUFFER):
         super().__init__(config=model.config)
         if buffer < 0:
-            raise InputError(f"buffer must be >= 0, got {buffer}")
+            raise InputError(f"--buffer must be at least 0, got {buffer}")
+        if not policy.online:
+            raise InputError(
+                f"policy {policy.name!r} scores from a measured trace only; it cannot compress while generating"
+            )
         if budget.head_floor is not None:
-            raise InputError("per-head budgets (AdaKV) need a ragged cache; the runtime keeps dense caches, "
-                             "so use them with the tracer (score, Forward Influence) only")
-        self.model, self.policy, self.budget, self.buffer, self.window = model, policy, budget, buffer, window
-        self.top_k = top_k if top_k is not None else getattr(policy, "top_k", 10)
+            raise InputError(
+                "per-head budgets (AdaKV) need a ragged cache; the runtime keeps dense caches, "
+                "so use them with the tracer (score, Forward Influence) only"
+            )
+        self.model, self.policy, self.budget, self.buffer = model, policy, budget, buffer
+        self.reads = policy.reads()
+        self.window = max(self.reads.window, QUERY_WINDOW)
         text = model.config.get_text_config(decoder=True)
         self.num_layers = text.num_hidden_layers
         types = getattr(text, "layer_types", None) or ["full_attention"] * self.num_layers
         self.full_layers = [i for i, kind in enumerate(types) if kind != "sliding_attention"]
         self.sliding_window = getattr(text, "sliding_window", None)
-        self.states = [_LayerState() for _ in range(self.num_layers)]
+        for index in self.full_layers:
+            self.layers[index] = CompressedLayer()
         self.seen = 0
-        self.budget_tokens: int | None = None
-        self.layer_targets: list[int] = []
+        self.prompt_length: int | None = None
+        self.planned: list[int] | None = None
         self.compressions: list[Compression] = []
         self.last_observation: Observation | None = None
-        self._entropy_next: list[torch.Tensor] = []
-        self._evolution: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
-        self._lens: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
-        self._step_positions: torch.Tensor | None = None
-        self.needs = policy.requires()
+        self._entropy: dict[int, list[torch.Tensor]] = {k: [] for k in self.reads.top_k}
+        self._layer_change: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        self._final_distance: list[torch.Tensor] = []
+        self._lens: dict[int, list[list[torch.Tensor]]] = {
+            k: [[] for _ in range(self.num_layers)] for k in self.reads.logit_lens
+        }
+        self._outputs: list[torch.Tensor] = []
+        self._step: torch.Tensor | None = None
 
     # -- recording ----------------------------------------------------------------------------
 
     def record_attention(self, module, query: torch.Tensor, key: torch.Tensor) -> None:
-        layer = module.layer_idx
-        if layer not in self.full_layers:
-            return
-        state = self.states[layer]
-        state.scaling = module.scaling
-        q_positions = self._step_positions
-        queries = query.detach().float() if state.queries is None else torch.cat([state.queries, query.float()], dim=2)
-        positions = q_positions if state.query_positions is None else torch.cat([state.query_positions, q_positions])
-        state.queries, state.query_positions = queries[:, :, -self.window :], positions[-self.window :]
-        if "cumulative_attention" in self.needs:
-            received = attention_received(query, key, q_positions, state.positions, module.scaling)
-            old = state.cumulative
-            if old is not None:
-                received[:, :, : old.shape[2]] += old
-            state.cumulative = received
+        if module.layer_idx in self.full_layers:
+            self.layers[module.layer_idx].record(
+                query, key, self._step, self.window, self.reads.cumulative_attention, module.scaling
+            )
 
     def record_layer(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
-        if "evolution" in self.needs:
-            self._evolution[layer].append(evolution(hidden_in, hidden_out).detach())
-        if "logit_lens" in self.needs:
-            self._lens[layer].append(lens_entropy(self.model, hidden_out.detach(), self.top_k))
+        hidden_out = hidden_out.detach()
+        if self.reads.layer_change:
+            self._layer_change[layer].append(representation_change(hidden_in, hidden_out))
+        if self.reads.logit_lens:
+            for k, value in lens_entropies(self.model, hidden_out, sorted(self.reads.logit_lens)).items():
+                self._lens[k][layer].append(value)
+        if self.reads.final_distance:
+            self._outputs.append(hidden_out)
+            if layer == self.num_layers - 1:  # the stream after the last layer is known: D of every layer
+                self._final_distance.append(distance_to_final(torch.stack(self._outputs)).transpose(0, 1))
+                self._outputs = []
 
     def record_final(self, final: torch.Tensor) -> None:
-        if "entropy" in self.needs:
-            top = topk_entropy(self.model, final[0].float(), top_k=self.top_k)
-        else:  # unread: keep the per-position table aligned without computing logits
-            top = torch.full((final.shape[1],), float("nan"), device=final.device)
-        self._entropy_next.append(top[None])
+        if self.reads.top_k:
+            for k, value in topk_entropies(self.model, final[0].float(), self.reads.top_k).items():
+                self._entropy[k].append(value[None])
 
     # -- the cache ----------------------------------------------------------------------------
 
@@ -152,80 +211,99 @@ class CompressedCache(DynamicCache):
         if layer_idx == 0:
             self.maybe_compress()
             new = key_states.shape[2]
-            self._step_positions = torch.arange(self.seen, self.seen + new, device=key_states.device)
+            self._step = torch.arange(self.seen, self.seen + new, device=key_states.device)
+            if self.prompt_length is None:
+                self.prompt_length = new
             self.seen += new
         if layer_idx in self.full_layers:
-            state = self.states[layer_idx]
-            fresh = self._step_positions.expand(1, key_states.shape[1], -1)
-            state.positions = fresh if state.positions is None else torch.cat([state.positions, fresh], dim=2)
+            self.layers[layer_idx].add_positions(self._step, key_states.shape[1])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def layer_targets(self) -> list[int]:
+        """Kept tokens per layer if the cache compressed now."""
+        return self.policy.layer_budgets(self.budget.target(self.prompt_length, self.seen), self.num_layers)
+
+    def due(self) -> bool:
+        """Whether a compression is due now: after the prefill, if a layer holds more than its budget;
+        later, once a layer holds its budget of the last compression (or of the prefill) + `buffer`."""
+        held = {layer: self.layers[layer].keys.shape[2] for layer in self.full_layers}
+        if self.planned is None:
+            targets = self.layer_targets()
+            return any(n > targets[layer] for layer, n in held.items())
+        return any(n > self.planned[layer] and n >= self.planned[layer] + self.buffer for layer, n in held.items())
+
     def maybe_compress(self) -> bool:
-        """Compress if due (after the prefill, or past budget + buffer); `update` calls this at the
-        start of every forward pass. Returns whether it compressed."""
-        if self.seen and self._due():
+        """Compress if due; `update` calls this at the start of every forward pass. Returns whether it
+        compressed."""
+        if not self.seen or not self.full_layers:
+            return False
+        if self.due():
             self.compress()
             return True
+        if self.planned is None:  # the prompt fits: later compressions count from its budget
+            self.planned = self.layer_targets()
         return False
-
-    def _due(self) -> bool:
-        if not self.full_layers:
-            return False
-        lengths = {l: self.layers[l].keys.shape[2] for l in self.full_layers}
-        if self.budget_tokens is None:  # the first check follows the prefill
-            # A count larger than the prompt is a decoding budget: nothing is evicted until the cache
-            # outgrows it (a fixed sequence, as `score` reads, refuses such a count instead).
-            prompt = lengths[self.full_layers[0]]
-            self.budget_tokens = self.budget.tokens(prompt) if self.budget.is_ratio else int(self.budget.value)
-            self.layer_targets = self.policy.layer_budgets(self.budget_tokens, self.num_layers)
-            return any(n > self.layer_targets[l] for l, n in lengths.items())
-        return any(n > self.layer_targets[l] + self.buffer for l, n in lengths.items())
 
     def observation(self) -> Observation:
         """What the policy sees now (full-attention layers; sliding ones are left out)."""
-        entropy_next = torch.cat(self._entropy_next, dim=1)
-        generated = torch.cat([torch.full_like(entropy_next[:, :1], float("nan")), entropy_next[:, :-1]], dim=1)
-        seen = entropy_next.shape[1]
-        change = torch.full((1, self.num_layers, seen), float("nan"), device=entropy_next.device)
-        for layer, rows in enumerate(self._evolution):
-            if rows:
-                change[:, layer] = torch.cat(rows, dim=1)
-        lens = None
-        if "logit_lens" in self.needs:
-            lens = torch.stack([torch.cat(rows, dim=1) for rows in self._lens], dim=1)
+
+        def stacked(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+            return torch.stack([torch.cat(layer_rows, dim=1) for layer_rows in rows], dim=1)
+
         views = []
         for layer in range(self.num_layers):
-            state, cached = self.states[layer], self.layers[layer]
-            sliding = layer not in self.full_layers
-            views.append(
-                LayerObservation(
-                    keys=cached.keys, values=cached.values,
-                    positions=state.positions if not sliding else torch.zeros(1, cached.keys.shape[1], 0, dtype=torch.long),
-                    queries=state.queries, query_positions=state.query_positions,
-                    cumulative_attention=state.cumulative, scaling=state.scaling,
-                    sliding_window=self.sliding_window if sliding else None,
+            cached = self.layers[layer]
+            if layer in self.full_layers:
+                views.append(
+                    LayerObservation(
+                        keys=cached.keys,
+                        values=cached.values,
+                        positions=cached.positions,
+                        queries=cached.queries,
+                        query_positions=cached.query_positions,
+                        cumulative_attention=cached.cumulative,
+                        scaling=cached.scaling,
+                        inv_freq=rotary_frequencies(self.model, layer),
+                    )
                 )
-            )
-        return Observation(views, entropy_next, generated, change, top_k=self.top_k, logit_lens=lens)
+            else:
+                empty = torch.zeros(1, cached.keys.shape[1], 0, dtype=torch.long, device=cached.keys.device)
+                views.append(
+                    LayerObservation(
+                        keys=cached.keys,
+                        values=cached.values,
+                        positions=empty,
+                        queries=None,
+                        query_positions=None,
+                        cumulative_attention=None,
+                        scaling=1.0,
+                        sliding_window=self.sliding_window,
+                    )
+                )
+        return Observation(
+            views,
+            entropy_next={k: torch.cat(rows, dim=1) for k, rows in self._entropy.items()},
+            layer_change=stacked(self._layer_change) if self.reads.layer_change else None,
+            final_distance=torch.cat(self._final_distance, dim=2) if self.reads.final_distance else None,
+            logit_lens={k: stacked(rows) for k, rows in self._lens.items()},
+            prompt_length=self.prompt_length,
+        )
 
     def compress(self) -> None:
-        """Score every full-attention layer and keep `budget_tokens` entries per KV head, physically."""
+        """Score every full-attention layer and keep `layer_targets()` entries per KV head, physically."""
         obs = self.observation()
-        kept = kept_indices(self.policy, obs, Budget(self.budget_tokens, is_ratio=False))
+        targets = self.layer_targets()
+        kept = top_indices(obs, layer_scores(self.policy, obs), targets)
         event = Compression(time=self.seen - 1, kept={}, before={})
         for layer, index in enumerate(kept):
             if index is None:
                 continue
-            state, cached = self.states[layer], self.layers[layer]
-            gather = index[..., None].expand(-1, -1, -1, cached.keys.shape[-1])
-            event.before[layer] = state.positions[0]
-            cached.keys, cached.values = cached.keys.gather(2, gather), cached.values.gather(2, gather)
-            state.positions = state.positions.gather(2, index)
-            if state.cumulative is not None:
-                group = state.cumulative.shape[1] // index.shape[1]
-                state.cumulative = state.cumulative.gather(2, index.repeat_interleave(group, dim=1))
-            event.kept[layer] = state.positions[0]
+            cached = self.layers[layer]
+            event.before[layer] = cached.positions[0]
+            cached.keep(index)
+            event.kept[layer] = cached.positions[0]
         self.compressions.append(event)
+        self.planned = targets
         self.last_observation = obs
 
     def sizes(self) -> dict[str, int]:
@@ -234,8 +312,10 @@ class CompressedCache(DynamicCache):
         kept_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in self.layers if l.is_initialized)
         full_bytes = sum(
             l.keys.shape[0] * l.keys.shape[1] * l.keys.shape[3] * l.keys.element_size() * 2 * self.seen
-            if i in self.full_layers else l.keys.numel() * l.keys.element_size() * 2
-            for i, l in enumerate(self.layers) if l.is_initialized
+            if i in self.full_layers
+            else l.keys.numel() * l.keys.element_size() * 2
+            for i, l in enumerate(self.layers)
+            if l.is_initialized
         )
         kept = self.layers[self.full_layers[0]].keys.shape[2] if self.full_layers else self.seen
         return dict(full_tokens=self.seen, kept_tokens=kept, full_bytes=full_bytes, kept_bytes=kept_bytes)
@@ -244,15 +324,12 @@ class CompressedCache(DynamicCache):
 def replay_specs(cache: CompressedCache) -> list[EvictionSpec]:
     """The cache's evictions as tracer specs (one per compression, layer and KV head), for
     `forward_influence.eviction.build_masks` to simulate the same generation by masking."""
-    specs = []
-    for event in cache.compressions:
-        for layer, kept in event.kept.items():
-            for head in range(kept.shape[0]):
-                keep = set(kept[head].tolist())
-                evicted = tuple(p for p in event.before[layer][head].tolist() if p not in keep)
-                if evicted:
-                    specs.append(EvictionSpec(evicted, event.time, layers=(layer,), heads=(head,)))
-    return specs
+    return [
+        spec
+        for event in cache.compressions
+        for layer, kept in event.kept.items()
+        for spec in evictions(event.before[layer], kept, event.time, layer)
+    ]
 
 
 @contextlib.contextmanager
@@ -273,11 +350,10 @@ def compressing(model: PreTrainedModel, cache: CompressedCache) -> Iterator[Comp
 
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     handles.append(decoder.norm.register_forward_hook(lambda module, args, output: cache.record_final(output)))
-    model.set_attn_implementation(_NAME.format(base))
     try:
-        yield cache
+        with attention_implementation(model, _NAME.format(base)):
+            yield cache
     finally:
-        model.set_attn_implementation(base)
         for handle in handles:
             handle.remove()
         for layer in decoder.layers:
@@ -285,22 +361,28 @@ def compressing(model: PreTrainedModel, cache: CompressedCache) -> Iterator[Comp
                 delattr(layer.self_attn, _RECORDER)
 
 
+def _one_sequence(input_ids: torch.Tensor) -> torch.Tensor:
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[0] != 1:
+        raise InputError("compressed generation supports batch size 1 only; generate one sequence at a time")
+    return input_ids
+
+
 def generate(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     policy: Policy,
     budget: Budget,
-    buffer: int = 128,
+    buffer: int = BUFFER,
     max_new_tokens: int = 64,
     **generate_kwargs,
 ) -> tuple[torch.Tensor, CompressedCache]:
     """`model.generate` with a `CompressedCache`: returns the generated ids ``[1, prompt + new]`` and
     the cache (its `sizes()` and `compressions` tell what was kept). Extra keyword arguments go to
     `model.generate` (e.g. ``do_sample=True, temperature=0.7``); greedy by default."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.shape[0] != 1:
-        raise InputError("compressed generation supports batch size 1 only; generate one sequence at a time")
+    input_ids = _one_sequence(input_ids)
+    budget.check_count(input_ids.shape[1] + max_new_tokens, "the prompt plus the new tokens")
     cache = CompressedCache(model, policy, budget, buffer=buffer)
     generate_kwargs.setdefault("do_sample", False)
     with compressing(model, cache), torch.no_grad():
@@ -313,3 +395,61 @@ def generate(
             **generate_kwargs,
         )
     return output, cache
+
+
+def teacher_forced(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    continuation_ids: torch.Tensor,
+    policy: Policy,
+    budget: Budget,
+    buffer: int = BUFFER,
+) -> tuple[torch.Tensor, CompressedCache]:
+    """Feed a fixed continuation to a compressed cache, as decoding those tokens would: the final normed
+    hidden states ``[len(continuation), hidden]`` that predict each continuation token (the first from
+    the prompt's last position), and the cache.
+
+    The tokens run in blocks that end where a compression falls due, so the cache compresses at the
+    same times, scores the same observations and keeps the same tokens as one-token-at-a-time decoding,
+    which it equals (tested), in a handful of forward passes instead of one per token."""
+    prompt_ids, continuation_ids = _one_sequence(prompt_ids), _one_sequence(continuation_ids)
+    budget.check_count(prompt_ids.shape[1] + continuation_ids.shape[1], "the prompt plus the continuation")
+    cache = CompressedCache(model, policy, budget, buffer=buffer)
+    decoder, device = model.get_decoder(), model.device
+    states = []
+    with compressing(model, cache), torch.no_grad():
+        states.append(decoder(prompt_ids.to(device), past_key_values=cache).last_hidden_state[0, -1:])
+        start, end = 0, continuation_ids.shape[1] - 1  # the last token predicts nothing in the continuation
+        while start < end:
+            cache.maybe_compress()
+            # Tokens until a layer's next compression falls due (see `CompressedCache.due`).
+            room = min(
+                (
+                    max(cache.planned[layer] + cache.buffer, cache.planned[layer] + 1)
+                    - cache.layers[layer].keys.shape[2]
+                    for layer in cache.full_layers
+                ),
+                default=end - start,
+            )
+            size = min(end - start, max(room, 1))
+            block = continuation_ids[:, start : start + size].to(device)
+            positions = torch.arange(cache.seen, cache.seen + size, device=device)[None]
+            states.append(decoder(block, position_ids=positions, past_key_values=cache).last_hidden_state[0])
+            start += size
+    return torch.cat(states).float(), cache
+
+
+def greedy_continuation(model: PreTrainedModel, cache: CompressedCache, state: torch.Tensor, steps: int) -> list[int]:
+    """Decode `steps` tokens greedily from a compressed cache that has processed a sequence (e.g. after
+    `teacher_forced`), starting from `state`, the final normed hidden state ``[hidden]`` of its last
+    position; the cache keeps compressing on its schedule."""
+    decoder, tokens = model.get_decoder(), []
+    with compressing(model, cache), torch.no_grad():
+        for _ in range(steps):
+            token = int(logits_of(model, state.to(model.dtype)).argmax())
+            tokens.append(token)
+            position = torch.tensor([[cache.seen]], device=model.device)
+            state = decoder(
+                torch.tensor([[token]], device=model.device), position_ids=position, past_key_values=cache
+            ).last_hidden_state[0, -1]
+    return tokens

@@ -33,8 +33,13 @@ def tiny_model(kind: str) -> LoadedModel:
     """A random 4-layer model with GQA (4 query / 2 KV heads); Gemma3 alternates sliding and global layers."""
     torch.manual_seed(0)
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
         initializer_range=0.2,  # sharper attention than the default 0.02, so evictions matter
     )
     if kind == "llama":
@@ -43,8 +48,11 @@ def tiny_model(kind: str) -> LoadedModel:
         model = Qwen2ForCausalLM(Qwen2Config(**common, attn_implementation="sdpa"))
     elif kind == "gemma3":
         config = Gemma3TextConfig(
-            **common, head_dim=16, sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"] * 2, attn_implementation="sdpa",
+            **common,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            attn_implementation="sdpa",
         )
         model = Gemma3ForCausalLM(config)
     else:
@@ -61,3 +69,15 @@ def tiny(request) -> Tracer:
 @pytest.fixture(scope="session")
 def embedded() -> Tracer:
     return Tracer(load_model())
+
+
+def small_policy(name: str):
+    """The policy `name` sized for the tiny models: windows of 4 queries or tokens, top-k 5."""
+    import dataclasses
+
+    from kv_compression.policies import POLICIES
+
+    cls = POLICIES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    sizes = dict(window=4, recent=4, top_k=5, future=16)
+    return cls(**{k: v for k, v in sizes.items() if k in fields})

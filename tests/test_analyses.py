@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +19,7 @@ from forward_influence.influence import clean_run, evict
 from forward_influence.observation import observe
 from forward_influence.stats import mean_ci
 from forward_influence.traces import Trace
+from kv_compression.budget import Budget
 from kv_compression.policies import InfoKV
 
 from conftest import tiny_model
@@ -48,22 +51,24 @@ def test_subword_tokens_take_the_tag_of_their_word(embedded):
 
 def test_kept_sets_keep_sinks_and_window_then_the_best_ranked():
     ranking = {"up": np.arange(100.0), "down": -np.arange(100.0), "random": None}
-    kept = selections.kept_sets(ranking, 0.5, 99, sinks=4, window=10)
+    kept = selections.kept_sets(ranking, Budget(0.5), 99, sinks=4, window=10)
     protected = set(range(4)) | set(range(90, 100))
     assert all(len(k) == 50 and protected <= set(k) for k in kept.values())
     assert set(kept["up"]) - protected == set(range(54, 90))
     assert set(kept["down"]) - protected == set(range(4, 40))
-    assert kept["random"] == selections.kept_sets({"random": None}, 0.5, 99, sinks=4, window=10)["random"]
+    assert kept["random"] == selections.kept_sets({"random": None}, Budget(0.5), 99, sinks=4, window=10)["random"]
     assert selections.jaccard(kept["up"], kept["down"]) == pytest.approx(14 / 86)
-    with pytest.raises(InputError, match="budget must lie in"):
-        selections.kept_sets(ranking, 1.5, 99)
+    counted = selections.kept_sets(ranking, Budget(30, "count"), 99, sinks=4, window=10)
+    assert set(counted["up"]) - protected == set(range(74, 90))  # a count keeps 30: 14 protected + 16 best
+    with pytest.raises(InputError, match="larger than the sequence"):
+        selections.kept_sets(ranking, Budget(101, "count"), 99)
 
 
 def test_policy_scores_average_layers_and_heads_and_leave_protected_tokens_unranked(llama):
     ids = _trace(60).token_ids
     policy = InfoKV(window=8, sinks=2)
     got = selections.policy_scores(llama, ids, policy)
-    obs = observe(llama, ids, window=8, top_k=policy.top_k)
+    obs = observe(llama, ids, policy.reads())
     expected = torch.stack([policy.score(obs, l)[0] for l in range(4)]).mean(dim=(0, 1)).numpy()
     assert np.isnan(got[:2]).all() and np.isnan(got[-8:]).all()
     assert np.allclose(got[2:-8], expected[2:-8], atol=1e-6)
@@ -77,8 +82,11 @@ def test_attention_vs_entropy_numbers_are_the_definitions(llama):
     sets = selections.top_sets(ranking, 0.25, 79)
     value = frame.set_index(["kind", "a", "b", "fraction"]).value
     assert value[("jaccard", "entropy_next", "evolution", 0.25)] == pytest.approx(
-        selections.jaccard(sets["entropy_next"], sets["evolution"]))
-    assert value[("age", "attention_snapkv", "", 0.25)] == pytest.approx(np.mean([79 - p for p in sets["attention_snapkv"]]))
+        selections.jaccard(sets["entropy_next"], sets["evolution"])
+    )
+    assert value[("age", "attention_snapkv", "", 0.25)] == pytest.approx(
+        np.mean([79 - p for p in sets["attention_snapkv"]])
+    )
     rho = stats.spearmanr(ranking["entropy_next"][4:], ranking["evolution"][4:]).statistic
     spearman = frame[(frame.kind == "spearman") & (frame.a == "entropy_next") & (frame.b == "evolution")]
     assert spearman.value.item() == pytest.approx(rho)
@@ -114,15 +122,20 @@ def test_token_tables_rank_a_signal_that_orders_far_influence():
     rows = []
     for d in range(3):
         x = np.random.default_rng(d).random(50)
-        rows.append(pd.DataFrame({"document": f"d{d}", "position": range(50), "fi_near": 1 - x, "fi_far": 2 * x,
-                                  "good": x, "bad": -x}))
+        rows.append(
+            pd.DataFrame(
+                {"document": f"d{d}", "position": range(50), "fi_near": 1 - x, "fi_far": 2 * x, "good": x, "bad": -x}
+            )
+        )
     deciles, correlations, paired = influence_by_distance.token_tables(pd.concat(rows), ["good", "bad"], ["bad"])
     rho = correlations.set_index(["signal", "target"]).spearman_mean
     assert rho[("good", "fi_far")] == pytest.approx(1) and rho[("bad", "fi_far")] == pytest.approx(-1)
     assert rho[("good", "fi_near")] == pytest.approx(-1)
     # good - bad on each document: +2 for fi_far, -2 for fi_near, the same on all three (a zero-width interval)
     assert paired[["signal", "against", "target", "n"]].values.tolist() == [
-        ["good", "bad", "fi_far", 3], ["good", "bad", "fi_near", 3]]
+        ["good", "bad", "fi_far", 3],
+        ["good", "bad", "fi_near", 3],
+    ]
     assert paired.difference_mean.tolist() == pytest.approx([2, -2])
     assert paired.difference_ci_low.tolist() == pytest.approx([2, -2])
     good = deciles[deciles.signal == "good"].sort_values("decile")
@@ -134,39 +147,51 @@ def test_influence_by_distance_run_writes_every_table(llama, tmp_path):
 
     traces = [_trace(90, seed=i, name=f"d{i}") for i in range(2)]
     settings = InfluenceSettings(fraction=0.1, evict_at=50, sinks=2, window=8)
-    tables = influence_by_distance.run(tiny_model("llama"), traces, tmp_path, settings=settings, scan_tokens=12,
-                                       scan_distance=36, progress=False)
+    tables = influence_by_distance.run(
+        tiny_model("llama"), traces, tmp_path, settings=settings, scan_tokens=12, scan_distance=36, progress=False
+    )
     assert set(tables["influence"].selection) == set(influence_by_distance.DEFAULT_SELECTIONS)
     assert set(zip(tables["per_token_paired"].signal, tables["per_token_paired"].against)) == {
-        (s, a) for s in ("entropy_next", "entropy_generated", "evolution", "infokv")
-        for a in ("attention_snapkv", "attention_h2o")}
+        (s, a)
+        for s in ("entropy_next", "entropy_generated", "evolution", "infokv")
+        for a in ("attention_snapkv", "attention_h2o")
+    }
     per_token = tables["per_token"]
     assert len(per_token) == 2 * 12 and per_token.position.min() == 38 and per_token.fi_far.notna().all()
-    for name in ("influence", "influence_per_distance", "per_token", "per_token_deciles", "per_token_correlations",
-                 "per_token_paired"):
+    for name in (
+        "influence",
+        "influence_per_distance",
+        "per_token",
+        "per_token_deciles",
+        "per_token_correlations",
+        "per_token_paired",
+    ):
         assert (tmp_path / f"{name}.csv").is_file()
     assert (tmp_path / "influence.png").is_file() and (tmp_path / "per_token.png").is_file()
-    before = {name: (tmp_path / f"{name}.csv").read_bytes() for name in ("influence", "per_token_correlations",
-                                                                       "per_token_paired")}
+    before = {
+        name: (tmp_path / f"{name}.csv").read_bytes()
+        for name in ("influence", "per_token_correlations", "per_token_paired")
+    }
     fresh = tmp_path / "fresh"  # a rerun from scratch, no cache: identical CSVs
-    influence_by_distance.run(tiny_model("llama"), traces, fresh, settings=settings, scan_tokens=12,
-                              scan_distance=36, progress=False)
+    influence_by_distance.run(
+        tiny_model("llama"), traces, fresh, settings=settings, scan_tokens=12, scan_distance=36, progress=False
+    )
     assert {name: (fresh / f"{name}.csv").read_bytes() for name in before} == before
 
 
 def test_compare_evicts_each_complement_and_measures_it(llama, tmp_path):
     trace = _trace(140, name="d0")
-    frame = compare.document_frame(llama, trace, 0.5, evict_at=100)
-    assert list(frame.selection) == list(compare.COMPARED) and (frame.kept == round(0.5 * 101)).all()
+    frame = compare.document_frame(llama, trace, Budget(0.5), evict_at=100)
+    assert list(frame.selection) == list(compare.COMPARED) and (frame.kept == math.ceil(0.5 * 101)).all()
     ranking = selections.scores(llama, trace.token_ids[:101], ["attention_h2o"])
-    kept = selections.kept_sets(ranking, 0.5, 100)["attention_h2o"]
+    kept = selections.kept_sets(ranking, Budget(0.5), 100)["attention_h2o"]
     spec = EvictionSpec(tuple(sorted(set(range(101)) - set(kept))), 100)
     kl = evict(llama, clean_run(llama, trace.token_ids, hidden=False), [spec], 39, hidden=False).kl[0]
     row = frame.set_index("selection").loc["attention_h2o"]
     assert row.fi_near == pytest.approx(kl[:8].mean()) and row.fi_far == pytest.approx(kl[32:].mean())
     assert row.jaccard_attention_h2o == 1.0
-    with pytest.raises(InputError, match="must lie in"):
-        compare.document_frame(llama, trace, 0.5, evict_at=139)
+    with pytest.raises(InputError, match="--evict-at 139 is beyond trace"):
+        compare.document_frame(llama, trace, Budget(0.5), evict_at=139)
 
 
 def test_demo_writes_one_self_contained_report(tmp_path):
@@ -175,31 +200,43 @@ def test_demo_writes_one_self_contained_report(tmp_path):
     path = run_demo(tiny_model("llama"), tmp_path, docs=2, max_tokens=200, evict_at=120)
     page = path.read_text()
     assert path == tmp_path / "report.html"
-    assert [h in page for h in ("1. Influence by distance", "2. Attention vs entropy", "3. Selections at a 25% budget",
-                                "4. Token heatmap", "Summary")] == [True] * 5
+    assert [
+        h in page
+        for h in (
+            "1. Influence by distance",
+            "2. Attention vs entropy",
+            "3. Selections at a 25% budget",
+            "4. Token heatmap",
+            "Summary",
+        )
+    ] == [True] * 5
     assert page.count("data:image/png;base64,") == 3 and page.count("<iframe srcdoc=") == 1
-    for name in ("influence/influence.csv", "attention_vs_entropy/attention_vs_entropy.csv", "compare/compare.csv",
-                 "heatmap.html"):
+    for name in (
+        "influence/influence.csv",
+        "attention_vs_entropy/attention_vs_entropy.csv",
+        "compare/compare.csv",
+        "heatmap.html",
+    ):
         assert (tmp_path / name).is_file()
 
 
 def test_compare_cli_rejects_a_bad_budget_in_one_line(capsys):
-    from forward_influence.cli import main
+    from forward_influence_cli.main import main
 
     assert main(["compare", "essay:gap", "--budget", "1.5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "fraction must lie in (0, 1)" in err and len(err.splitlines()) == 1
+    assert err.startswith("error:") and "budget ratio must lie in (0, 1]" in err and len(err.splitlines()) == 1
 
 
 def test_evaluation_documents_are_full_length_segments_spread_over_essays():
-    from analyses.documents import evaluation_traces
+    from analyses.documents import essay_segments
     from forward_influence import corpus
     from forward_influence.traces import read_traces
 
     tokenizer = tiny_model("llama").tokenizer
     essays = {n: read_traces(f"essay:{n}", tokenizer)[0].token_ids for n in corpus.essay_names("evaluation")}
     long_enough = [n for n, ids in essays.items() if len(ids) >= 600]
-    docs = evaluation_traces(tokenizer, len(long_enough) + 2, 600)
+    docs = essay_segments(tokenizer, len(long_enough) + 2, 600)
     assert all(len(d) == 600 for d in docs)
     assert [d.id for d in docs[: len(long_enough)]] == [f"essay:{n}" for n in long_enough]  # first segments first
     second = docs[len(long_enough)]
@@ -207,4 +244,4 @@ def test_evaluation_documents_are_full_length_segments_spread_over_essays():
     assert second.id.endswith("#2") and second.token_ids == essays[name][600:1200]
     total = sum(len(ids) // 600 for ids in essays.values())
     with pytest.raises(InputError, match=f"hold only {total} documents of 600 tokens"):
-        evaluation_traces(tokenizer, total + 1, 600)
+        essay_segments(tokenizer, total + 1, 600)

@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
-from forward_influence.cli import main
+from forward_influence_cli.main import main
 
 pytestmark = pytest.mark.slow  # these load the embedded model (once per process)
 
@@ -27,8 +27,14 @@ def test_score_writes_the_documented_columns(capsys, tmp_path):
     assert code == 0 and stdout.strip().splitlines()[-1] == str(out)
     frame = pd.read_csv(out)
     assert list(frame.columns) == [
-        "position", "token", "entropy_generated", "entropy_next", "entropy_full",
-        "attention_snapkv", "attention_h2o", "evolution",
+        "position",
+        "token",
+        "entropy_generated",
+        "entropy_next",
+        "entropy_full",
+        "attention_snapkv",
+        "attention_h2o",
+        "evolution",
     ]
     assert len(frame) == 40 and frame.entropy_generated.isna().sum() == 1
     assert (frame.entropy_next <= frame.entropy_full + 1e-6).mean() > 0.9  # top-10 rarely exceeds the full entropy
@@ -42,13 +48,39 @@ def test_score_jsonl_to_stdout(capsys):
 
 def test_influence_and_scan_tables(capsys, tmp_path):
     out = tmp_path / "influence.csv"
-    code, _, _ = run(capsys, "influence", "essay:gap", "--max-tokens", "96", "--evict-at", "63",
-                     "--select", "entropy,attention,random", "--fraction", "0.1", "--out", str(out))
+    code, _, _ = run(
+        capsys,
+        "influence",
+        "essay:gap",
+        "--max-tokens",
+        "96",
+        "--evict-at",
+        "63",
+        "--select",
+        "entropy,attention,random",
+        "--fraction",
+        "0.1",
+        "--out",
+        str(out),
+    )
     table = pd.read_csv(out)
     assert code == 0 and set(table.selection) == {"entropy_next", "attention_snapkv", "random"}
     assert list(table.bucket.unique()) == ["1-8", "9-32"]
-    code, stdout, _ = run(capsys, "scan", "essay:gap", "--max-tokens", "64", "--start", "30", "--end", "33",
-                          "--max-distance", "16", "--format", "csv")
+    code, stdout, _ = run(
+        capsys,
+        "scan",
+        "essay:gap",
+        "--max-tokens",
+        "64",
+        "--start",
+        "30",
+        "--end",
+        "33",
+        "--max-distance",
+        "16",
+        "--format",
+        "csv",
+    )
     lines = stdout.strip().splitlines()
     assert code == 0 and lines[0] == "position,token,fi_near,fi_far,fi_total" and len(lines) == 4
 
@@ -67,7 +99,10 @@ def test_verify_passes_on_the_embedded_model(capsys):
         (["influence", "missing.txt"], "no such trace file: missing.txt"),
         (["score", "essay:nope"], "no essay matches 'nope'"),
         (["influence", "essay:gap", "--max-tokens", "50", "--evict-at", "60"], "is beyond trace 'essay:gap'"),
-        (["scan", "essay:gap", "--max-tokens", "30", "--start", "10", "--end", "40"], "scan range [10, 40) must lie in [0, 30]"),
+        (
+            ["scan", "essay:gap", "--max-tokens", "30", "--start", "10", "--end", "40"],
+            "scan range [10, 40) must lie in [0, 30]",
+        ),
         (["influence", "essay:gap", "--select", "loudness"], "unknown selection 'loudness'"),
     ],
 )
@@ -97,8 +132,11 @@ def test_a_failed_run_leaves_no_partial_output(capsys, tmp_path):
 def test_unknown_model_from_a_fresh_process():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "forward_influence.cli", "score", "essay:gap", "--model", "no-such/model"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [sys.executable, "-m", "forward_influence_cli", "score", "essay:gap", "--model", "no-such/model"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model 'no-such/model'")
@@ -106,8 +144,22 @@ def test_unknown_model_from_a_fresh_process():
 
 
 def test_generate_prints_the_completion_then_the_cache_sizes(capsys):
-    code, stdout, _ = run(capsys, "generate", "--trace", "essay:gap", "--max-tokens", "200", "--policy", "snapkv",
-                          "--budget", "0.25", "--buffer", "8", "--max-new-tokens", "12")
+    code, stdout, _ = run(
+        capsys,
+        "generate",
+        "--trace",
+        "essay:gap",
+        "--max-tokens",
+        "200",
+        "--policy",
+        "snapkv",
+        "--budget",
+        "0.25",
+        "--buffer",
+        "8",
+        "--max-new-tokens",
+        "12",
+    )
     last = stdout.strip().splitlines()[-1]
     assert code == 0 and last.startswith("cache: full_tokens=")
     sizes = dict(item.split("=") for item in last.removeprefix("cache: ").split())
@@ -117,8 +169,19 @@ def test_generate_prints_the_completion_then_the_cache_sizes(capsys):
 
 def test_score_with_policies_adds_score_and_kept_columns(capsys, tmp_path):
     out = tmp_path / "s.csv"
-    code, _, _ = run(capsys, "score", "essay:gap", "--max-tokens", "64", "--policy", "snapkv,infokv",
-                     "--budget", "40", "--out", str(out))
+    code, _, _ = run(
+        capsys,
+        "score",
+        "essay:gap",
+        "--max-tokens",
+        "64",
+        "--policy",
+        "snapkv,infokv",
+        "--budget",
+        "40",
+        "--out",
+        str(out),
+    )
     frame = pd.read_csv(out)
     assert code == 0
     for name in ("snapkv", "infokv"):
@@ -126,16 +189,47 @@ def test_score_with_policies_adds_score_and_kept_columns(capsys, tmp_path):
         assert frame[f"kept_{name}"].isin([0, 1]).all()
         assert frame[f"kept_{name}"].tail(32).all()  # the observation window is always kept
     assert frame.keep_share_snapkv.sum() == pytest.approx(40)  # each layer and head keeps 40 tokens
-    code, _, _ = run(capsys, "score", "essay:gap", "--max-tokens", "64", "--policy", "snapkv", "--budget", "40",
-                     "--head-floor", "0.2", "--out", str(out))
+    code, _, _ = run(
+        capsys,
+        "score",
+        "essay:gap",
+        "--max-tokens",
+        "64",
+        "--policy",
+        "snapkv",
+        "--budget",
+        "40",
+        "--head-floor",
+        "0.2",
+        "--out",
+        str(out),
+    )
     assert code == 0 and pd.read_csv(out).keep_share_snapkv.sum() == pytest.approx(40)  # same total, pooled
 
 
 def test_policies_lists_every_policy(capsys):
     code, stdout, _ = run(capsys, "policies")
     names = [line.split()[0] for line in stdout.splitlines() if not line.startswith(" ")]
-    assert code == 0 and names == ["streaming", "snapkv", "h2o", "tova", "knorm", "pyramidkv", "rkv", "random",
-                                   "entropy", "evolution", "infokv", "infokv-default"]
+    assert code == 0 and names == [
+        "streaming",
+        "snapkv",
+        "h2o",
+        "tova",
+        "knorm",
+        "pyramidkv",
+        "rkv",
+        "expected-attention",
+        "rpc",
+        "random",
+        "entropy",
+        "evolution",
+        "infokv",
+        "infokv-calibrated",
+    ]
+    infokv = stdout.splitlines()[
+        stdout.splitlines().index(next(l for l in stdout.splitlines() if l.startswith("infokv "))) + 1
+    ]
+    assert "top_k=256" in infokv and "alpha=0.9" in infokv and "tau=1.0" in infokv
 
 
 @pytest.mark.parametrize(
@@ -145,8 +239,10 @@ def test_policies_lists_every_policy(capsys):
         (["generate", "hello", "--policy", "snapkv", "--budget", "0"], "budget must be positive"),
         (["generate", "hello", "--policy", "magic", "--budget", "0.5"], "unknown policy 'magic'"),
         (["generate", "--policy", "snapkv", "--budget", "0.5"], "give either a PROMPT or --trace"),
-        (["score", "essay:gap", "--max-tokens", "20", "--policy", "snapkv", "--budget", "500"],
-         "larger than the sequence"),
+        (
+            ["score", "essay:gap", "--max-tokens", "20", "--policy", "snapkv", "--budget", "500"],
+            "larger than the sequence",
+        ),
         (["eval", "--task", "needles"], "unknown task needles"),
         (["eval", "--policies", "snapkv,magic"], "unknown policy magic"),
     ],

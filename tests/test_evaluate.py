@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from analyses.evaluate import check_sweep, evaluate
+from analyses.evaluate import evaluate
 from analyses.tasks import Item
 from analyses.tasks.fidelity import Fidelity
 from forward_influence.errors import InputError
@@ -62,26 +62,35 @@ def test_same_seed_gives_identical_results_in_a_fresh_folder(tmp_path):
     assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
 
 
-def test_bad_sweeps_are_input_errors():
-    with pytest.raises(InputError, match="unknown task"):
-        check_sweep(["needles"], ["snapkv"], ["0.5"])
-    with pytest.raises(InputError, match="unknown policy"):
-        check_sweep(["fidelity"], ["snapkv", "magic"], ["0.5"])
-    with pytest.raises(InputError, match="ratio"):
-        check_sweep(["fidelity"], ["snapkv"], ["2.5"])
+def test_bad_sweeps_are_input_errors_before_any_work(tmp_path):
+    loaded = tiny_model("llama")
+    for tasks, policies, budgets, message in (
+        (["needles"], ["snapkv"], ["0.5"], "unknown task"),
+        (["fidelity"], ["snapkv", "magic"], ["0.5"], "unknown policy"),
+        (["fidelity"], ["snapkv"], ["2.5"], "ratio"),
+    ):
+        with pytest.raises(InputError, match=message):
+            evaluate(loaded, tasks, policies, budgets, 1, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_findings_pick_the_best_attention_baseline_and_pair_the_items():
     from analyses.findings import findings
 
     rows = []
-    for item, (ours, snap, h2o, rand) in enumerate([(0.10, 0.20, 0.15, 0.0), (0.30, 0.35, 0.40, 0.0), (0.20, 0.30, 0.20, 0.0)]):
+    for item, (ours, snap, h2o, rand) in enumerate(
+        [(0.10, 0.20, 0.15, 0.0), (0.30, 0.35, 0.40, 0.0), (0.20, 0.30, 0.20, 0.0)]
+    ):
         for policy, value in (("infokv", ours), ("snapkv", snap), ("h2o", h2o), ("random", rand)):
             rows.append(dict(task="fidelity", budget="0.25", item=f"i{item}", policy=policy, nll_increase=value))
     table = findings(pd.DataFrame(rows))
     row = table.iloc[0]
-    assert len(table) == 1 and row.baseline == "h2o"  # lowest mean NLL increase among attention baselines; random is not one
+    assert (
+        len(table) == 1 and row.baseline == "h2o"
+    )  # lowest mean NLL increase among attention baselines; random is not one
     assert row.infokv_mean == pytest.approx(0.2) and row.baseline_mean == pytest.approx(0.25)
     difference = np.array([0.10 - 0.15, 0.30 - 0.40, 0.20 - 0.20])
     low, high = stats.t.interval(0.95, 2, loc=difference.mean(), scale=stats.sem(difference))
-    assert (row.difference_mean, row.difference_ci_low, row.difference_ci_high) == pytest.approx((difference.mean(), low, high))
+    assert (row.difference_mean, row.difference_ci_low, row.difference_ci_high) == pytest.approx(
+        (difference.mean(), low, high)
+    )

@@ -11,9 +11,9 @@ import pytest
 from matplotlib import image
 
 from analyses import heatmap
-from forward_influence.cli import main
-from forward_influence.traces import Trace
 from forward_influence.tracer import Tracer
+from forward_influence.traces import Trace
+from forward_influence_cli.main import main
 
 from conftest import tiny_model
 
@@ -29,8 +29,13 @@ def shown():
 
 def _browser(*args: str) -> subprocess.CompletedProcess:
     assert CHROMIUM, "the heatmap test needs Debian's chromium; `make setup` installs it"
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-                          capture_output=True, text=True, timeout=120, check=True)
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
 
 
 def test_policy_heat_marks_what_the_policy_keeps(shown):

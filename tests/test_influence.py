@@ -58,21 +58,41 @@ def test_scan_rejects_a_range_outside_the_trace(llama):
 def test_influence_table_has_every_selection_and_bucket(llama):
     traces = [Trace(f"doc{i}", _ids(60, seed=i)) for i in range(3)]
     settings = InfluenceSettings(fraction=0.2, evict_at=30, sinks=1)
-    per_distance = influence_by_distance(llama, traces, ["entropy", "attention", "h2o", "random"], settings, progress=False)
+    per_distance = influence_by_distance(
+        llama, traces, ["entropy", "attention", "h2o", "random"], settings, progress=False
+    )
     assert set(per_distance.selection) == {"entropy_next", "attention_snapkv", "attention_h2o", "random"}
     assert per_distance.distance.min() == 1 and per_distance.distance.max() == 29
     table = summarize(per_distance, edges=(1, 9, 17))
     assert list(table.columns) == [
-        "selection", "bucket", "distance_lo", "distance_hi", "kl_mean", "kl_ci_low", "kl_ci_high",
-        "top1_agreement", "hidden_cos_mean", "hidden_rel_l2_mean", "n_documents",
-        *[f"hidden_cos_{band}_{stat}" for band in ("early", "middle", "late") for stat in ("mean", "ci_low", "ci_high")],
+        "selection",
+        "bucket",
+        "distance_lo",
+        "distance_hi",
+        "kl_mean",
+        "kl_ci_low",
+        "kl_ci_high",
+        "top1_agreement",
+        "hidden_cos_mean",
+        "hidden_rel_l2_mean",
+        "n_documents",
+        *[
+            f"hidden_cos_{band}_{stat}"
+            for band in ("early", "middle", "late")
+            for stat in ("mean", "ci_low", "ci_high")
+        ],
     ]
     assert len(table) == 4 * 3 and set(table.bucket) == {"1-8", "9-16", "17+"}
     row = table[(table.selection == "random") & (table.bucket == "1-8")].iloc[0]
-    doc_means = per_distance[(per_distance.selection == "random") & (per_distance.distance <= 8)].groupby("document").kl.mean()
+    doc_means = (
+        per_distance[(per_distance.selection == "random") & (per_distance.distance <= 8)].groupby("document").kl.mean()
+    )
     assert row.kl_mean == pytest.approx(doc_means.mean())
-    low, high = stats.t.interval(0.95, 2, loc=doc_means.mean(), scale=stats.sem(doc_means))
-    assert (row.kl_ci_low, row.kl_ci_high) == pytest.approx((low, high))
+    interval = stats.bootstrap(
+        (doc_means.to_numpy(),), np.mean, n_resamples=9999, method="percentile", random_state=0
+    ).confidence_interval  # a KL: the percentile bootstrap
+    assert (row.kl_ci_low, row.kl_ci_high) == pytest.approx((interval.low, interval.high))
+    assert row.kl_ci_low >= 0
     assert row.n_documents == 3
     # Layer bands of the 4-layer model: layers {0, 1}, {2}, {3}; their mean is the all-layer mean.
     bands = per_distance[["hidden_cos_early", "hidden_cos_middle", "hidden_cos_late"]].to_numpy()
@@ -83,7 +103,9 @@ def test_influence_table_has_every_selection_and_bucket(llama):
 
 def test_eviction_time_beyond_the_trace_is_an_input_error(llama):
     with pytest.raises(InputError, match="beyond trace"):
-        influence_by_distance(llama, [Trace("short", _ids(20))], ["random"], InfluenceSettings(evict_at=19), progress=False)
+        influence_by_distance(
+            llama, [Trace("short", _ids(20))], ["random"], InfluenceSettings(evict_at=19), progress=False
+        )
 
 
 def test_buckets_and_intervals():
@@ -91,8 +113,8 @@ def test_buckets_and_intervals():
     assert parse_edges("1,9,33,129,513") == (1, 9, 33, 129, 513)
     with pytest.raises(ValueError):
         parse_edges("0,5")
-    mean, low, high = mean_ci([1.0, 2.0, 3.0, np.nan])
-    assert mean == 2.0 and (low, high) == pytest.approx(stats.t.interval(0.95, 2, loc=2, scale=stats.sem([1, 2, 3])))
+    mean, low, high = mean_ci([-1.0, 2.0, 3.0, np.nan])
+    assert (low, high) == pytest.approx(stats.t.interval(0.95, 2, loc=mean, scale=stats.sem([-1, 2, 3])))
     assert np.isnan(mean_ci([4.0])[1])
     frame = pd.DataFrame({"document": "d", "selection": "s", "distance": [1, 2, 9, 40], "kl": [1.0, 3.0, 5.0, 7.0]})
     buckets = by_bucket(frame, ["kl"], (1, 9, 33))

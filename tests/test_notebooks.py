@@ -13,7 +13,9 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_the_three_notebooks_are_there_and_stored_without_outputs():
     assert [p.name for p in NOTEBOOKS] == [
-        "01_influence_by_distance.ipynb", "02_attention_vs_entropy.ipynb", "03_policies_and_budgets.ipynb",
+        "01_influence_by_distance.ipynb",
+        "02_attention_vs_entropy.ipynb",
+        "03_policies_and_budgets.ipynb",
     ]
     for path in NOTEBOOKS:
         cells = nbformat.read(path, as_version=4).cells

@@ -9,14 +9,16 @@ from transformers import DynamicCache
 from forward_influence.errors import InputError
 from forward_influence.eviction import build_masks
 from forward_influence.logits import logits_of
+from forward_influence.models import attention_implementation
 from forward_influence.observation import LayerObservation, Observation, observe
 from forward_influence.tracer import Tracer, expand_cache
 from kv_compression.budget import Budget, eviction_specs, kept_indices
-from kv_compression.policies import POLICIES, H2O, RKV, TOVA, InfoKV, Knorm, PyramidKV, SnapKV, StreamingLLM
+from kv_compression.offline import observation, reads
+from kv_compression.policies import H2O, POLICIES, RKV, TOVA, InfoKV, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kv_compression.policies.base import pool
 from kv_compression.policies.infokv import normalise
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, small_policy, tiny_model
 
 T = 40
 
@@ -33,19 +35,19 @@ def ids():
 
 @pytest.fixture(scope="module")
 def obs(llama, ids):
-    return observe(llama, ids, window=8, top_k=5)
+    return observation(llama, ids, [small_policy(name) for name in POLICIES])
 
 
 @pytest.fixture(scope="module")
 def eager(llama, ids):
-    with llama.attention_implementation("eager"), torch.no_grad():
+    with attention_implementation(llama.model, "eager"), torch.no_grad():
         out = llama.model(ids[None], output_attentions=True, use_cache=True)
     return out
 
 
 def test_every_policy_scores_each_kv_head_of_each_layer(obs):
-    for name, cls in POLICIES.items():
-        policy = cls(window=4) if name in ("snapkv", "pyramidkv", "rkv", "entropy", "evolution", "infokv", "random") else cls()
+    for name in POLICIES:
+        policy = small_policy(name)
         for layer in range(len(obs.layers)):
             scores = policy.score(obs, layer)
             assert scores.shape == (1, 2, T), name
@@ -87,44 +89,153 @@ def test_pyramid_budgets_fall_with_depth_and_keep_the_total():
     assert abs(sum(budgets) - 4 * 40) <= 2
 
 
+def _hand_layer(n: int, keys: torch.Tensor | None = None) -> LayerObservation:
+    """One layer of one head: `n` keys (zeros unless given), one query at the last position."""
+    keys = torch.zeros(1, 1, n, 8) if keys is None else keys
+    return LayerObservation(
+        keys=keys,
+        values=torch.ones(1, 1, n, 8),
+        queries=torch.ones(1, 1, 1, 8),
+        query_positions=torch.tensor([n - 1]),
+        positions=torch.arange(n).expand(1, 1, n),
+        cumulative_attention=None,
+        scaling=1.0,
+    )
+
+
 def test_rkv_penalises_the_older_copy_of_a_duplicate_key():
     keys = torch.randn(1, 1, 6, 8, generator=torch.Generator().manual_seed(0))
     keys[0, 0, 4] = keys[0, 0, 1]  # token 1 has a later duplicate (token 4)
-    layer = LayerObservation(
-        keys=keys, values=keys, queries=torch.randn(1, 1, 1, 8), query_positions=torch.tensor([5]),
-        positions=torch.arange(6).expand(1, 1, 6), cumulative_attention=torch.zeros(1, 1, 6), scaling=1.0,
-    )
-    obs = Observation([layer], torch.zeros(1, 6), torch.zeros(1, 6), torch.zeros(1, 1, 6))
-    scores = RKV(window=1, kernel=1, lam=0.0).score(obs, 0)
+    scores = RKV(window=1, kernel=1, lam=0.0).score(Observation([_hand_layer(6, keys)]), 0)
     assert scores[0, 0, 1] < 0 and scores[0, 0, 4] == 0 and torch.isinf(scores[0, 0, 5])
 
 
-def test_infokv_without_entropy_ranks_like_snapkv_and_normalises_per_head(obs):
-    attention_only = InfoKV(window=4, weight=0.0, sinks=0).score(obs, 3)
-    expected = normalise(SnapKV(window=4).attention(obs, 3), "zscore")
-    assert torch.allclose(attention_only[..., :-4], expected[..., :-4], atol=1e-5)
-    assert torch.isinf(attention_only[..., -4:]).all()
-    with_entropy = InfoKV(window=4, weight=1.0, sinks=0).score(obs, 3)
-    assert not torch.allclose(with_entropy[..., :-4], expected[..., :-4], atol=1e-3)
+def test_infokv_is_the_published_formula_on_a_hand_computed_example():
+    # Uniform attention (zero keys): A = 0.2 for each of 5 tokens. Entropies at each position 1..5, so the
+    # generated alignment is [unknown, 1, 2, 3, 4] and the unknown first one counts as the largest, 4.
+    obs = Observation(
+        [_hand_layer(5)],
+        entropy_next={256: torch.tensor([[1.0, 2, 3, 4, 5]])},
+        final_distance=torch.tensor([[[0.5, 0.0, 0.25, 0.0, 1.0]]]),
+    )
+    # E = (D + 1) * H = [6, 1, 2.5, 3, 8]; S = 0.9 * 0.2 + 0.1 * softmax(E), computed by hand.
+    scores = InfoKV(window=1, kernel=1).score(obs, 0)[0, 0]
+    assert scores[:4].tolist() == pytest.approx([0.191798, 0.180079, 0.180356, 0.180587], abs=1e-6)
+    assert torch.isinf(scores[4])  # the window (the last query's own token) is kept
+    policy = InfoKV()
+    assert (
+        policy.top_k,
+        policy.alpha,
+        policy.tau,
+        policy.alignment,
+        policy.evolution,
+        policy.combination,
+        policy.sinks,
+    ) == (256, 0.9, 1.0, "generated", "to_final", "softmax", 0)
+    assert policy.reads().final_distance and policy.reads().top_k == {256} and policy.reads().window == 32
+
+
+def test_infokv_with_alpha_one_is_snapkv_and_the_other_combinations_normalise_per_head(obs):
+    from kv_compression.policies.snapkv import window_attention
+
+    attention = window_attention(obs, 3, 4, 5)
+    pure = InfoKV(window=4, top_k=5, alpha=1.0).score(obs, 3)
+    assert torch.allclose(pure[..., :-4], attention[..., :-4]) and torch.isinf(pure[..., -4:]).all()
+    mixed = InfoKV(window=4, top_k=5, alpha=0.5, combination="zscore").score(obs, 3)
+    assert not torch.allclose(mixed[..., :-4], normalise(attention, "zscore")[..., :-4], atol=1e-3)
     x = torch.tensor([[3.0, 1.0, float("inf"), 2.0]])
     assert normalise(x, "rank").tolist() == [[1.0, 0.0, float("inf"), 0.5]]
     z = normalise(x, "zscore")[0, [0, 1, 3]]
     assert abs(z.mean()) < 1e-6 and abs(z.std(unbiased=False) - 1) < 1e-5
 
 
+def test_final_distance_is_the_cosine_distance_to_the_last_layer(llama, ids, obs):
+    outputs = llama.run(ids[None], hidden=True).hidden[1:, 0]  # the stream after each layer
+    expected = 1 - torch.nn.functional.cosine_similarity(outputs, outputs[-1:], dim=-1)
+    assert torch.allclose(obs.final_distance[0], expected, atol=1e-5)
+    assert torch.allclose(obs.final_distance[0, -1], torch.zeros(T), atol=1e-6)
+    assert obs.final_distance[0, 0].mean() > 0.05  # early layers are far from the last
+
+
+def test_expected_attention_equals_the_pre_rope_query_statistics(llama, ids, obs):
+    # kvpress's route: project the layer's input states through q_proj (before RoPE), average over the
+    # window, rotate by the mean RoPE matrix of the next positions; ours rotates the recorded queries back.
+    from kv_compression.policies import ExpectedAttention
+    from kv_compression.policies.expected_attention import mean_rotation
+
+    layer, window, future = 2, 4, 16
+    attention = llama.model.model.layers[layer].self_attn
+    with torch.no_grad():
+        inputs = llama.model(ids[None], output_hidden_states=True).hidden_states[layer]
+        normed = llama.model.model.layers[layer].input_layernorm(inputs)
+        queries = attention.q_proj(normed)[0, -window:].reshape(window, 4, 16).transpose(0, 1)  # [heads, w, dim]
+    frequencies = llama.model.model.rotary_emb.inv_freq
+    rotation = mean_rotation(torch.arange(T, T + future)[:, None].float() * frequencies, 16)
+    mean = queries.mean(dim=1) @ rotation.T  # [heads, dim]
+    keys = obs.layers[layer].keys[0].repeat_interleave(2, dim=0)  # [heads, tokens, dim]
+    expected = torch.softmax(attention.scaling * torch.einsum("htd,hd->ht", keys[:, 4:], mean), dim=-1)
+    expected = expected.reshape(2, 2, -1).mean(dim=1)
+    policy = ExpectedAttention(window=window, future=future, covariance=False, value_norm=False)
+    scores = policy.score(obs, layer)[0]
+    assert torch.allclose(scores[:, 4:], expected, atol=1e-5) and torch.isinf(scores[:, :4]).all()
+    full = ExpectedAttention(window=window, future=future).score(obs, layer)[0]
+    assert not torch.allclose(full[:, 4:], scores[:, 4:], atol=1e-3)  # covariance and value norms matter
+
+
+def test_rpc_keeps_the_prompt_while_decoding_and_scores_the_path_by_the_selector_window():
+    from kv_compression.policies import RPC
+
+    n = 12
+    keys = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(1))
+    layer = _hand_layer(n, keys)
+    layer.queries = torch.randn(1, 1, 2, 8, generator=torch.Generator().manual_seed(2))
+    layer.query_positions = torch.tensor([n - 2, n - 1])
+    decoding = RPC(window=2, kernel=1).score(Observation([layer], prompt_length=4), 0)[0, 0]
+    assert torch.isinf(decoding[:4]).all() and torch.isinf(decoding[-2:]).all()  # the prompt and the window
+    probs = torch.softmax(layer.queries[0, 0] @ keys[0, 0, 4:-2].T, dim=-1)  # softmax over the path alone
+    assert torch.allclose(decoding[4:-2], probs.sum(dim=0), atol=1e-6)
+    prefill = RPC(window=2, kernel=1).score(Observation([layer]), 0)[0, 0]
+    assert torch.isfinite(prefill[:-2]).all()  # with nothing generated, the prompt is the path
+
+
+def test_options_are_checked_when_a_policy_is_built():
+    for build, message in (
+        (lambda: SnapKV(group="maxx"), "snapkv: group must be one of mean, max, got 'maxx'"),
+        (lambda: SnapKV(window=0), "snapkv: window must be an integer of at least 1"),
+        (lambda: InfoKV(alpha=1.5), "infokv: alpha must lie in"),
+        (lambda: InfoKV(combination="mean"), "infokv: combination must be one of softmax, zscore, rank"),
+        (lambda: H2O(recent=-1), "h2o: recent must be a non-negative integer"),
+    ):
+        with pytest.raises(InputError) as error:
+            build()
+        assert message in str(error.value)
+
+
 def test_budgets_parse_and_reject_bad_values():
     assert Budget.parse("0.25").tokens(100) == 25 and Budget.parse("30").tokens(100) == 30
-    for bad, message in (("0", "positive"), ("-3", "positive"), ("1.5", "ratio"), ("lots", "ratio in")):
+    grows = Budget.parse("prompt+0.25")
+    assert grows.target(prompt=100, seen=500) == 200 and grows.target(prompt=100, seen=100) == 100
+    assert Budget.parse("0.25").target(prompt=100, seen=500) == 25 and str(grows) == "prompt+0.25"
+    for bad, message in (
+        ("0", "positive"),
+        ("-3", "positive"),
+        ("1.5", "ratio"),
+        ("lots", "ratio in"),
+        ("prompt+2", r"prompt\+RATIO"),
+        ("nan", "positive"),
+    ):
         with pytest.raises(InputError, match=message):
             Budget.parse(bad)
     with pytest.raises(InputError, match="larger than the sequence"):
         Budget.parse("200").tokens(100)
+    with pytest.raises(InputError, match="grows while decoding"):
+        grows.tokens(100)
 
 
-@pytest.mark.parametrize("policy", [SnapKV(window=4), InfoKV(window=4), Knorm()])
+@pytest.mark.parametrize("policy", [SnapKV(window=4), InfoKV(window=4, top_k=5), Knorm()])
 def test_kept_set_gathered_per_head_equals_the_tracers_masked_replay(llama, ids, policy):
     t = 29
-    obs = observe(llama, ids[: t + 1], window=4, top_k=5)
+    obs = observation(llama, ids[: t + 1], [policy])
     kept = kept_indices(policy, obs, Budget.parse("0.5"))
     # Physical: gather each KV head's kept entries from the prefill cache, then decode with original positions.
     cache = DynamicCache()
@@ -135,8 +246,12 @@ def test_kept_set_gathered_per_head_equals_the_tracers_masked_replay(llama, ids,
             layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
         physical = []
         for position in range(t + 1, T):
-            out = llama.model(ids[None, position : position + 1], position_ids=torch.tensor([[position]]),
-                              past_key_values=cache, use_cache=True)
+            out = llama.model(
+                ids[None, position : position + 1],
+                position_ids=torch.tensor([[position]]),
+                past_key_values=cache,
+                use_cache=True,
+            )
             physical.append(out.logits[0, -1])
     # Masked: the tracer's replay of the same evictions.
     specs = eviction_specs(kept, obs, t)
@@ -164,18 +279,15 @@ def test_per_head_allocation_pools_the_layer_budget_with_a_floor(obs):
     assert any(not torch.equal(m, u) for m, u in zip(masks, uniform))
     specs = eviction_specs(masks, obs, T - 1)
     assert sum(len(s.positions) for s in specs) == 4 * 2 * T - 4 * 20
-    with pytest.raises(InputError, match="per-head floor"):
+    with pytest.raises(InputError, match=r"--head-floor must lie in \[0, 1\]"):
         Budget.parse("10", head_floor=1.5)
 
 
-def test_offline_observations_share_one_pass_per_top_k(llama, ids, obs):
-    from kv_compression.offline import MIN_WINDOW, observations
-
-    policies = [SnapKV(window=8), H2O(), InfoKV(top_k=5, window=80)]
-    first, second, third = observations(llama, ids, policies)
-    assert first is second and third is not first  # H2O and SnapKV use the default k = 10
-    assert (first.top_k, third.top_k) == (10, 5)
-    assert first.layers[0].queries.shape[2] == min(80, T) and MIN_WINDOW < 80  # the longest window asked for
-    assert torch.equal(third.entropy_next, obs.entropy_next)  # the same entropies as observing with k = 5
-    # A policy slices its own window, so the longer observation gives the scores of its own one.
-    assert torch.equal(SnapKV(window=8).score(first, 1), SnapKV(window=8).score(obs, 1))
+def test_one_offline_observation_serves_every_policy(llama, ids):
+    policies = [SnapKV(window=8), H2O(), InfoKV(top_k=5, window=80), InfoKV(top_k=7, evolution="across_layers")]
+    shared = observation(llama, ids, policies)
+    assert reads(policies).window == 80 and reads(policies).top_k == {5, 7}
+    assert shared.layers[0].queries.shape[2] == min(80, T) and sorted(shared.entropy_next) == [5, 7]
+    for policy in policies:  # the shared pass scores exactly as each policy's own
+        own = observe(llama, ids, policy.reads())
+        assert all(torch.equal(policy.score(shared, layer), policy.score(own, layer)) for layer in range(4))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from analyses.tasks.reasoning import Reasoning, prefix_agreement
+from forward_influence.errors import InputError
 from forward_influence.tracer import Tracer
 from kv_compression.policies import SnapKV, StreamingLLM
 
@@ -20,13 +23,16 @@ def test_decode_time_compression_is_compared_with_the_full_completion():
     task = Reasoning(max_new_tokens=40, buffer=4)
     (item,) = task.items(loaded.tokenizer, 1)
     assert item.id == "p001" and item.meta["answer"] == 34
-    rows = task.run(tracer, item, {"snapkv": SnapKV(window=4), "streaming": StreamingLLM()}, ["8", "200"])
+    capacity = str(len(item.token_ids) + 40)
+    rows = task.run(tracer, item, {"snapkv": SnapKV(window=4), "streaming": StreamingLLM()}, ["8", capacity])
     assert len(rows) == 4
-    large = [r for r in rows if r["budget"] == "200"]
-    # A budget above prompt + new tokens never evicts: the completion is the full-cache one.
+    large = [r for r in rows if r["budget"] == capacity]
+    # A budget of prompt + new tokens never evicts: the completion is the full-cache one.
     assert all(r["prefix_agreement"] == 1.0 and r["similarity"] == 1.0 for r in large)
     small = [r for r in rows if r["budget"] == "8"]
     assert any(r["prefix_agreement"] < 1.0 for r in small)
+    with pytest.raises(InputError, match="larger than the prompt plus the new tokens"):  # one more never evicts either
+        task.run(tracer, item, {"snapkv": SnapKV(window=4)}, [str(len(item.token_ids) + 41)])
 
 
 def test_every_problem_of_the_file_is_an_item():

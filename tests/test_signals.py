@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from forward_influence.errors import InputError
 from forward_influence.logits import entropies, kl_and_agreement, logits_of, references
+from forward_influence.models import attention_implementation
 from forward_influence.selection import canonical, select_top
 from forward_influence.signals import token_signals
-from forward_influence.errors import InputError
+from forward_influence.tracer import Tracer
 
 from conftest import VOCAB, tiny_model
-from forward_influence.tracer import Tracer
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def _ids(n=30):
 def test_signals_match_a_plain_forward_with_attentions(llama):
     ids = _ids()
     signals = token_signals(llama, ids, top_k=5, window=4)
-    with llama.attention_implementation("eager"), torch.no_grad():
+    with attention_implementation(llama.model, "eager"), torch.no_grad():
         out = llama.model(ids[None], output_attentions=True, output_hidden_states=True)
     logp = torch.log_softmax(out.logits[0].float(), -1)
     full = -(logp.exp() * logp).sum(-1)
@@ -51,8 +52,14 @@ def test_signals_match_a_plain_forward_with_attentions(llama):
 def test_signal_table_has_the_documented_columns(llama):
     table = token_signals(llama, _ids(12)).table(llama.tokenizer)
     assert list(table.columns) == [
-        "position", "token", "entropy_generated", "entropy_next", "entropy_full",
-        "attention_snapkv", "attention_h2o", "evolution",
+        "position",
+        "token",
+        "entropy_generated",
+        "entropy_next",
+        "entropy_full",
+        "attention_snapkv",
+        "attention_h2o",
+        "evolution",
     ]
     assert table.token.iloc[0] == llama.tokenizer.decode([int(_ids(12)[0])])
 

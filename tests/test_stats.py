@@ -1,4 +1,4 @@
-"""Confidence intervals: Student-t for means, Wilson for shares of 0/1 outcomes."""
+"""Confidence intervals: Student-t for signed means, percentile bootstrap for non-negative ones, Wilson for shares."""
 
 from __future__ import annotations
 
@@ -9,11 +9,22 @@ from scipy import stats
 from forward_influence.stats import mean_ci
 
 
-def test_mean_ci_is_the_student_t_interval():
-    x = np.array([0.2, 0.5, 0.9, np.nan])
+def test_a_signed_mean_gets_the_student_t_interval():
+    x = np.array([-0.2, 0.5, 0.9, np.nan])
     low, high = stats.t.interval(0.95, 2, loc=x[:3].mean(), scale=stats.sem(x[:3]))
     assert mean_ci(x) == pytest.approx((x[:3].mean(), low, high))
     assert np.isnan(mean_ci([0.3])[1]) and np.isnan(mean_ci([])[0])
+
+
+def test_a_non_negative_mean_never_gets_a_negative_lower_bound():
+    kl = np.array([0.001, 0.002, 0.0015, 0.09])  # skewed: the t-interval would reach below zero
+    assert stats.t.interval(0.95, 3, loc=kl.mean(), scale=stats.sem(kl))[0] < 0
+    mean, low, high = mean_ci(kl)
+    expected = stats.bootstrap(
+        (kl,), np.mean, n_resamples=9999, method="percentile", random_state=0
+    ).confidence_interval
+    assert (low, high) == pytest.approx((expected.low, expected.high)) and 0 < low < mean < high
+    assert mean_ci(kl) == mean_ci(kl)  # seeded: reruns give identical tables
 
 
 def test_shares_get_the_wilson_interval_inside_zero_one():

@@ -28,9 +28,12 @@ def test_text_file_and_max_tokens(tmp_path, tok):
 def test_jsonl_records_of_every_kind(tmp_path, tok):
     path = tmp_path / "t.jsonl"
     path.write_text(
-        json.dumps({"id": "a", "text": "w4 w5"}) + "\n\n"
-        + json.dumps({"id": "b", "token_ids": [7, 8, 9]}) + "\n"
-        + json.dumps({"id": "c", "prompt": "w1", "completion": "w2 w3"}) + "\n"
+        json.dumps({"id": "a", "text": "w4 w5"})
+        + "\n\n"
+        + json.dumps({"id": "b", "token_ids": [7, 8, 9]})
+        + "\n"
+        + json.dumps({"id": "c", "prompt": "w1", "completion": "w2 w3"})
+        + "\n"
     )
     a, b, c = read_traces(str(path), tok)
     assert (a.id, a.token_ids) == ("a", [4, 5])

@@ -112,8 +112,10 @@ def main() -> None:
 
     infokv_overhead, infokv_time, plain_time = paired_ratio(lambda: compressed_prefill(InfoKV()), plain_prefill, pairs)
     snapkv_overhead, snapkv_time, _ = paired_ratio(lambda: compressed_prefill(SnapKV()), plain_prefill, pairs)
-    print(f"prefill of 2048 tokens: plain {plain_time:.2f} s, InfoKV {infokv_time:.2f} s, SnapKV {snapkv_time:.2f} s",
-          file=sys.stderr)
+    print(
+        f"prefill of 2048 tokens: plain {plain_time:.2f} s, InfoKV {infokv_time:.2f} s, SnapKV {snapkv_time:.2f} s",
+        file=sys.stderr,
+    )
 
     sizes = compressed_prefill(InfoKV()).sizes()
     bytes_ratio = sizes["kept_bytes"] / sizes["full_bytes"]
@@ -143,19 +145,30 @@ def main() -> None:
 
     rates = [(decode_rate(budget), decode_rate(None)) for _ in range(2 if args.quick else 3)]
     speed_ratio = float(np.median([a / b for a, b in rates]))
-    print(f"decoding after {context} tokens: {np.median([a for a, _ in rates]):.1f} tok/s with a 25% cache, "
-          f"{np.median([b for _, b in rates]):.1f} tok/s with the full cache", file=sys.stderr)
+    print(
+        f"decoding after {context} tokens: {np.median([a for a, _ in rates]):.1f} tok/s with a 25% cache, "
+        f"{np.median([b for _, b in rates]):.1f} tok/s with the full cache",
+        file=sys.stderr,
+    )
 
     child = subprocess.run(
-        [sys.executable, __file__, "--entropy-memory"], capture_output=True, text=True, check=True,
+        [sys.executable, __file__, "--entropy-memory"],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
     )
     peak, whole = (float(x) for x in child.stdout.split()[-2:])
-    print(f"top-k entropy of 8192 positions: +{peak:.0f} MB peak (chunk {DEFAULT_CHUNK} x vocab "
-          f"{model.config.vocab_size} float32 = {DEFAULT_CHUNK * model.config.vocab_size * 4 / 2**20:.0f} MB per "
-          f"temporary); whole logits at once: +{whole:.0f} MB", file=sys.stderr)
-    print(f"infokv_prefill_overhead={infokv_overhead:.2f} snapkv_prefill_overhead={snapkv_overhead:.2f} "
-          f"cache_bytes_ratio={bytes_ratio:.3f} decode_speed_ratio={speed_ratio:.2f} peak_entropy_mem_mb={peak:.0f}")
+    print(
+        f"top-k entropy of 8192 positions: +{peak:.0f} MB peak (chunk {DEFAULT_CHUNK} x vocab "
+        f"{model.config.vocab_size} float32 = {DEFAULT_CHUNK * model.config.vocab_size * 4 / 2**20:.0f} MB per "
+        f"temporary); whole logits at once: +{whole:.0f} MB",
+        file=sys.stderr,
+    )
+    print(
+        f"infokv_prefill_overhead={infokv_overhead:.2f} snapkv_prefill_overhead={snapkv_overhead:.2f} "
+        f"cache_bytes_ratio={bytes_ratio:.3f} decode_speed_ratio={speed_ratio:.2f} peak_entropy_mem_mb={peak:.0f}"
+    )
 
 
 if __name__ == "__main__":

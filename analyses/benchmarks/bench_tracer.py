@@ -12,9 +12,10 @@ The last line is ``speedup_scan_vs_naive=X floor_ratio=Y nnsight_overhead=Z``:
 - Y: one batched eviction pass of the scan (16 rows x 64 queries over the cached prefix, per-layer
   masks written through nnsight) versus a plain transformers forward of the same query tokens over
   the same cached keys, with transformers' own causal mask and no tracing (the compute floor).
-- Z: a traced signal readout (hidden states of every layer, attention reduced to the SnapKV and H2O
-  signals, final states) of a 1024-token trace versus a plain forward of the base model on the same
-  input, both with eager attention (the readout needs attention probabilities).
+- Z: every token signal of a 1024-token trace read in one traced pass (`token_signals`: hidden states
+  of every layer, the SnapKV and H2O attention recomputed from the recorded queries and cached keys,
+  top-k and full entropies) versus a plain eager forward that returns the same raw material (every
+  attention matrix, every hidden state, the logits).
 
 Y and Z are medians of paired ratios (the two sides run back to back, several pairs); X's scan and
 naive sample run one after the other, once each.
@@ -35,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from forward_influence import corpus  # noqa: E402
 from forward_influence.eviction import EvictionSpec, build_masks  # noqa: E402
 from forward_influence.influence import clean_run  # noqa: E402
-from forward_influence.models import load_model  # noqa: E402
+from forward_influence.models import attention_implementation, load_model  # noqa: E402
 from forward_influence.scan import naive_token_kl, scan_divergence  # noqa: E402
+from forward_influence.signals import token_signals  # noqa: E402
 from forward_influence.tracer import Tracer, expand_cache  # noqa: E402
 from forward_influence.traces import read_traces  # noqa: E402
 
@@ -99,8 +101,11 @@ def main() -> None:
     )
     naive_time = naive_per_token * (end - START)
     speedup = naive_time / scan_time
-    print(f"scan [{START}, {end}) D={DISTANCE}: {scan_time:.1f} s; naive: {naive_per_token:.2f} s/token x "
-          f"{end - START} = {naive_time:.1f} s (from {len(sample)} sampled tokens)", file=sys.stderr)
+    print(
+        f"scan [{START}, {end}) D={DISTANCE}: {scan_time:.1f} s; naive: {naive_per_token:.2f} s/token x "
+        f"{end - START} = {naive_time:.1f} s (from {len(sample)} sampled tokens)",
+        file=sys.stderr,
+    )
 
     # Y: one batched eviction pass versus a plain forward over the same queries and keys.
     clean = clean_run(tracer, ids[: START + BATCH + DISTANCE], hidden=False)
@@ -122,22 +127,27 @@ def main() -> None:
             model.model(input_ids, position_ids=queries, past_key_values=expand_cache(clean.cache, n_cached, BATCH))
 
     floor_ratio, traced_time, plain_time = paired_ratio(traced_pass, plain_pass, pairs)
-    print(f"eviction pass {traced_time:.2f} s vs plain forward {plain_time:.2f} s "
-          f"({BATCH} rows x {DISTANCE} queries, {n_cached + DISTANCE} keys)", file=sys.stderr)
+    print(
+        f"eviction pass {traced_time:.2f} s vs plain forward {plain_time:.2f} s "
+        f"({BATCH} rows x {DISTANCE} queries, {n_cached + DISTANCE} keys)",
+        file=sys.stderr,
+    )
 
-    # Z: traced signal readout versus a plain forward, both eager.
+    # Z: every token signal from one traced pass versus a plain eager forward returning the same raw material.
     full = torch.tensor([ids])
 
     def readout():
-        tracer.run(full, hidden=True, attention_window=32)
+        token_signals(tracer, ids)
 
     def plain_eager():
-        with tracer.attention_implementation("eager"), torch.no_grad():
-            model.model(full)
+        with attention_implementation(model, "eager"), torch.no_grad():
+            model(full, output_attentions=True, output_hidden_states=True)
 
     overhead, readout_time, eager_time = paired_ratio(readout, plain_eager, pairs)
-    print(f"traced readout {readout_time:.2f} s vs plain eager forward {eager_time:.2f} s "
-          f"({LENGTH} tokens)", file=sys.stderr)
+    print(
+        f"traced readout {readout_time:.2f} s vs plain eager forward {eager_time:.2f} s ({LENGTH} tokens)",
+        file=sys.stderr,
+    )
     print(f"speedup_scan_vs_naive={speedup:.2f} floor_ratio={floor_ratio:.2f} nnsight_overhead={overhead:.2f}")
 
 

@@ -1,18 +1,22 @@
 """Evaluation tasks by name: a registry a user extends with one file.
 
-A task is an object with a `name`, `items(tokenizer, n)` (its evaluation items, a deterministic
-list) and `run(tracer, item, policies, budgets)`, which returns one row (a dict of metrics) per
-policy and budget, including the full-cache reference the task compares against. To add a task,
-write ``analyses/tasks/<name>.py`` with such an object and add it to `TASKS` below.
+A task is an object with a `name`, its `metrics` (with axis `labels`), `items(tokenizer, n)` (its
+evaluation items, a deterministic list) and `run(tracer, item, policies, budgets)`, which returns one
+row (a dict of metrics) per policy and budget, including the full-cache reference the task compares
+against. Most tasks measure one (policy, budget) setting at a time against a reference computed once
+per item: they derive from `PerSetting`, which owns that loop, and write `reference` and `measure`.
+To add a task, write ``analyses/tasks/<name>.py`` with such an object and add it to `registry` below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
+from forward_influence.models import pad_token_id
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget
 from kv_compression.policies import Policy
@@ -38,25 +42,54 @@ class Task(Protocol):
     def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]: ...
 
 
+class PerSetting:
+    """A task measured one (policy, budget) setting at a time against a full-cache reference."""
+
+    def reference(self, tracer: Tracer, item: Item) -> Any:
+        """What every setting of `item` is compared with (computed once per item)."""
+        raise NotImplementedError
+
+    def measure(self, tracer: Tracer, item: Item, reference: Any, policy: Policy, budget: Budget) -> dict:
+        """The metrics of one setting (and any reference columns, named ``*_full``)."""
+        raise NotImplementedError
+
+    def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
+        reference = self.reference(tracer, item)
+        return [
+            dict(
+                item=item.id,
+                policy=name,
+                budget=budget,
+                **self.measure(tracer, item, reference, policy, Budget.parse(budget)),
+            )
+            for name, policy in policies.items()
+            for budget in budgets
+        ]
+
+
 def greedy_completion(
-    tracer: Tracer, ids: torch.Tensor, policy: Policy | None, budget: str | None, max_new_tokens: int, buffer: int
+    tracer: Tracer, ids: torch.Tensor, policy: Policy | None, budget: Budget | None, max_new_tokens: int, buffer: int
 ) -> list[int]:
     """The greedy answer's new tokens, with the full cache (`policy` None) or compressed at `budget`."""
-    tokenizer, model = tracer.tokenizer, tracer.model
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, pad = tracer.model, pad_token_id(tracer.tokenizer)
     if policy is None:
         with torch.no_grad():
-            output = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=pad)
+            output = model.generate(
+                ids[None],
+                attention_mask=torch.ones_like(ids)[None],
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+            )
     else:
-        output, _ = generate(model, ids, policy, Budget.parse(budget), buffer=buffer,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad)
-    return output[0, len(ids):].tolist()
+        output, _ = generate(model, ids, policy, budget, buffer=buffer, max_new_tokens=max_new_tokens, pad_token_id=pad)
+    return output[0, len(ids) :].tolist()
 
 
 def registry() -> dict[str, Task]:
     from .fidelity import Fidelity
+    from .long_decode import LongDecode
     from .needle import Needle
     from .reasoning import Reasoning
 
-    return {task.name: task for task in (Fidelity(), Needle(), Reasoning())}
+    return {task.name: task for task in (Fidelity(), Needle(), Reasoning(), LongDecode())}

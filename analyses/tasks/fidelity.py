@@ -12,28 +12,31 @@ For each document, the first `prefix` tokens are observed and compressed by a po
 
 The observation and the clean run are computed once per document and shared by every policy and
 budget. Exact: the compressed run is the tracer's masked replay of the evictions, which equals
-physical eviction (`kv_compression.runtime`). Items are the evaluation essays long enough for the
-prefix and the whole continuation.
+physical eviction (`kv_compression.runtime`). Items are segments of ``prefix + continuation`` tokens
+cut from the evaluation essays (`analyses.documents.essay_segments`: every essay long enough gives
+its first segment, then the longer ones their next).
 
     forward-influence eval --task fidelity --policies infokv,snapkv,h2o,random --budgets 0.25,0.5 --docs 5
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 from forward_influence import corpus
+from forward_influence.defaults import FAR_FROM
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
 from forward_influence.tracer import Tracer
 from forward_influence.traces import read_traces
 from kv_compression.budget import Budget, eviction_specs, kept_indices, layer_scores
-from kv_compression.offline import observations
+from kv_compression.offline import observation
 from kv_compression.policies import Policy
 
+from ..documents import essay_segments
 from . import Item
 
 
@@ -57,7 +60,7 @@ def fidelity_rows(
     budgets: Sequence[str],
     prefix: int = 1024,
     continuation: int = 256,
-    far_from: int = 33,
+    far_from: int = FAR_FROM,
 ) -> list[dict]:
     """One row per (policy, budget) for one document (see the module docstring for the columns)."""
     ids = list(token_ids[: prefix + continuation])
@@ -67,7 +70,8 @@ def fidelity_rows(
     clean = clean_run(tracer, ids, hidden=False)
     n_full = -clean.references.next_logp[prefix - 1 : len(ids) - 1].mean().item()
     rows = []
-    for (name, policy), obs in zip(policies.items(), observations(tracer, ids[:prefix], list(policies.values()))):
+    obs = observation(tracer, ids[:prefix], list(policies.values()))
+    for name, policy in policies.items():
         scores = layer_scores(policy, obs)  # scored once, selected at every budget
         for budget in budgets:
             kept = kept_indices(policy, obs, Budget.parse(budget), scores)
@@ -77,7 +81,11 @@ def fidelity_rows(
             d = result.distance
             rows.append(
                 dict(
-                    item=document, policy=name, budget=budget, prefix=prefix, continuation=len(ids) - prefix,
+                    item=document,
+                    policy=name,
+                    budget=budget,
+                    prefix=prefix,
+                    continuation=len(ids) - prefix,
                     nll_full=n_full,
                     nll_increase=float(np.nanmean(result.nll_increase[0])),
                     kl=float(np.nanmean(result.kl[0])),
@@ -94,7 +102,7 @@ class Fidelity:
 
     prefix: int = 1024
     continuation: int = 256
-    far_from: int = 33
+    far_from: int = FAR_FROM
     name: str = "fidelity"
     metrics: tuple[str, ...] = ("nll_increase", "kl", "kl_far", "top1_agreement")
     labels = {
@@ -105,9 +113,12 @@ class Fidelity:
     }
 
     def items(self, tokenizer, n: int) -> list[Item]:
-        essays = long_essays(tokenizer, "evaluation", self.prefix + self.continuation, n)
-        return [Item(name, ids) for name, ids in essays.items()]
+        return [
+            Item(t.id.removeprefix("essay:"), t.token_ids)
+            for t in essay_segments(tokenizer, n, self.prefix + self.continuation)
+        ]
 
     def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
-        return fidelity_rows(tracer, item.id, item.token_ids, policies, budgets, self.prefix, self.continuation,
-                             self.far_from)
+        return fidelity_rows(
+            tracer, item.id, item.token_ids, policies, budgets, self.prefix, self.continuation, self.far_from
+        )

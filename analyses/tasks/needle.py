@@ -15,16 +15,16 @@ import itertools
 import random
 import re
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from forward_influence import corpus
-from forward_influence.traces import _chat_ids
 from forward_influence.tracer import Tracer
+from forward_influence.traces import chat_ids
+from kv_compression.budget import Budget
 from kv_compression.policies import Policy
 
-from . import Item, greedy_completion
+from . import Item, PerSetting, greedy_completion
 
 QUESTION = "What is the secret passkey? Answer with the number only."
 
@@ -52,7 +52,7 @@ def with_needle(text: str, depth: float, passkey: int) -> str:
 
 
 @dataclass
-class Needle:
+class Needle(PerSetting):
     """The passkey retrieval task (see the module docstring)."""
 
     lengths: tuple[int, ...] = (500, 1000, 2000)
@@ -73,24 +73,25 @@ class Needle:
             passkey = rng.randint(10000, 99999)
             texts.setdefault(length, haystack(tokenizer, length))
             prompt = f"{with_needle(texts[length], depth, passkey)}\n\n{QUESTION}"
-            ids, _ = _chat_ids(tokenizer, prompt, "")
-            items.append(Item(f"len{length}-depth{depth}-{index}", ids, dict(passkey=passkey, length=length, depth=depth)))
+            ids, _ = chat_ids(tokenizer, prompt, "")
+            items.append(
+                Item(f"len{length}-depth{depth}-{index}", ids, dict(passkey=passkey, length=length, depth=depth))
+            )
         return items
 
-    def answer(self, tracer: Tracer, ids: torch.Tensor, policy: Policy | None, budget: str | None) -> int | None:
-        tokens = greedy_completion(tracer, ids, policy, budget, self.max_new_tokens, self.buffer)
-        return first_integer(tracer.tokenizer.decode(tokens, skip_special_tokens=True))
-
-    def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
+    def correct(self, tracer: Tracer, item: Item, policy: Policy | None, budget: Budget | None) -> float:
         ids = torch.tensor(item.token_ids, device=tracer.device)
-        passkey = item.meta["passkey"]
-        correct_full = float(self.answer(tracer, ids, None, None) == passkey)
-        rows = []
-        for name, policy in policies.items():
-            for budget in budgets:
-                rows.append(dict(
-                    item=item.id, policy=name, budget=budget, length=item.meta["length"], depth=item.meta["depth"],
-                    prompt_tokens=len(ids), correct=float(self.answer(tracer, ids, policy, budget) == passkey),
-                    correct_full=correct_full,
-                ))
-        return rows
+        tokens = greedy_completion(tracer, ids, policy, budget, self.max_new_tokens, self.buffer)
+        return float(first_integer(tracer.tokenizer.decode(tokens, skip_special_tokens=True)) == item.meta["passkey"])
+
+    def reference(self, tracer: Tracer, item: Item) -> float:
+        return self.correct(tracer, item, None, None)
+
+    def measure(self, tracer: Tracer, item: Item, reference: float, policy: Policy, budget: Budget) -> dict:
+        return dict(
+            length=item.meta["length"],
+            depth=item.meta["depth"],
+            prompt_tokens=len(item.token_ids),
+            correct=self.correct(tracer, item, policy, budget),
+            correct_full=reference,
+        )

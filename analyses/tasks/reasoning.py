@@ -1,4 +1,4 @@
-"""Reasoning under decode-time compression: the word problems of data/problems.jsonl, answered greedily.
+"""Reasoning under decode-time compression: the packaged word problems (`PROBLEMS`), answered greedily.
 
 Each problem is asked through the chat template (as `forward-influence trace` does) and answered by
 greedy decoding with a compressed cache: budgets are token counts (64, 128, 256, ...), so the short
@@ -17,27 +17,29 @@ after a ~75-token prompt, so a 128-token buffer would never let a budget below t
 evict anything while decoding; completions stop at 192 new tokens (more than twice the full-cache
 length), which bounds the cost of the looping completions that heavy compression produces.
 
-Accuracy of models this small is near the floor (about 2/20 while planning), so the agreement
-metrics are the ones that rank policies.
+Accuracy of models this small is near the floor (2 of 20 problems for either embedded model), so the
+agreement metrics are the ones that rank policies.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from importlib import resources
+from importlib.abc import Traversable
 
 import torch
 
 from forward_influence.generate import INSTRUCTION, last_integer, read_problems
 from forward_influence.tracer import Tracer
-from forward_influence.traces import _chat_ids
+from forward_influence.traces import chat_ids
+from kv_compression.budget import Budget
 from kv_compression.policies import Policy
 
-from . import Item, greedy_completion
+from . import Item, PerSetting, greedy_completion
 
-PROBLEMS = Path(__file__).resolve().parents[2] / "data" / "problems.jsonl"
+PROBLEMS = resources.files("analyses") / "data" / "problems.jsonl"
 
 
 def prefix_agreement(reference: Sequence[int], other: Sequence[int]) -> float:
@@ -51,12 +53,12 @@ def prefix_agreement(reference: Sequence[int], other: Sequence[int]) -> float:
 
 
 @dataclass
-class Reasoning:
+class Reasoning(PerSetting):
     """The decode-time compression task (see the module docstring)."""
 
     max_new_tokens: int = 192
     buffer: int = 32
-    problems: Path = PROBLEMS
+    problems: Traversable = PROBLEMS
     name: str = "reasoning"
     metrics: tuple[str, ...] = ("accuracy", "prefix_agreement", "similarity", "length")
     labels = {
@@ -69,31 +71,28 @@ class Reasoning:
     def items(self, tokenizer, n: int) -> list[Item]:
         items = []
         for problem in read_problems(self.problems)[:n]:
-            ids, _ = _chat_ids(tokenizer, INSTRUCTION + problem["question"], "")
+            ids, _ = chat_ids(tokenizer, INSTRUCTION + problem["question"], "")
             items.append(Item(problem["id"], ids, dict(answer=problem["answer"])))
         return items
 
-    def complete(self, tracer: Tracer, ids: torch.Tensor, policy: Policy | None, budget: str | None) -> list[int]:
+    def complete(self, tracer: Tracer, item: Item, policy: Policy | None, budget: Budget | None) -> list[int]:
+        ids = torch.tensor(item.token_ids, device=tracer.device)
         return greedy_completion(tracer, ids, policy, budget, self.max_new_tokens, self.buffer)
 
-    def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
-        ids = torch.tensor(item.token_ids, device=tracer.device)
-        answer = item.meta["answer"]
+    def correct(self, tracer: Tracer, item: Item, tokens: list[int]) -> float:
+        return float(last_integer(tracer.tokenizer.decode(tokens, skip_special_tokens=True)) == item.meta["answer"])
 
-        def correct(tokens: list[int]) -> float:
-            return float(last_integer(tracer.tokenizer.decode(tokens, skip_special_tokens=True)) == answer)
+    def reference(self, tracer: Tracer, item: Item) -> list[int]:
+        return self.complete(tracer, item, None, None)
 
-        full = self.complete(tracer, ids, None, None)
-        accuracy_full = correct(full)
-        rows = []
-        for name, policy in policies.items():
-            for budget in budgets:
-                tokens = self.complete(tracer, ids, policy, budget)
-                rows.append(dict(
-                    item=item.id, policy=name, budget=budget, prompt_tokens=len(ids),
-                    accuracy=correct(tokens),
-                    prefix_agreement=prefix_agreement(full, tokens),
-                    similarity=difflib.SequenceMatcher(a=full, b=tokens, autojunk=False).ratio(),
-                    length=len(tokens), accuracy_full=accuracy_full, length_full=len(full),
-                ))
-        return rows
+    def measure(self, tracer: Tracer, item: Item, reference: list[int], policy: Policy, budget: Budget) -> dict:
+        tokens = self.complete(tracer, item, policy, budget)
+        return dict(
+            prompt_tokens=len(item.token_ids),
+            accuracy=self.correct(tracer, item, tokens),
+            prefix_agreement=prefix_agreement(reference, tokens),
+            similarity=difflib.SequenceMatcher(a=reference, b=tokens, autojunk=False).ratio(),
+            length=len(tokens),
+            accuracy_full=self.correct(tracer, item, reference),
+            length_full=len(reference),
+        )

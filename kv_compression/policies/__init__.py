@@ -3,19 +3,35 @@
 from .base import Policy
 from .entropy import Entropy
 from .evolution import Evolution
+from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .infokv import InfoKV
 from .knorm import Knorm
 from .pyramidkv import PyramidKV
 from .random_scores import Random
 from .rkv import RKV
+from .rpc import RPC
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (StreamingLLM, SnapKV, H2O, TOVA, Knorm, PyramidKV, RKV, Random, Entropy, Evolution, InfoKV)
+    for cls in (
+        StreamingLLM,
+        SnapKV,
+        H2O,
+        TOVA,
+        Knorm,
+        PyramidKV,
+        RKV,
+        ExpectedAttention,
+        RPC,
+        Random,
+        Entropy,
+        Evolution,
+        InfoKV,
+    )
 }
 
 __all__ = ["POLICIES", "Policy", *[cls.__name__ for cls in POLICIES.values()]]

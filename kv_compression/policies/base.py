@@ -2,23 +2,34 @@
 
 A policy is a small dataclass whose fields are its only knobs and whose `score(obs, layer)` returns
 ``[batch, kv_heads, tokens]`` scores for the cached tokens of one layer: higher means keep. Tokens a
-method always keeps (sinks, an observation window) score +inf. GQA is explicit: per-query-head
-quantities are reduced over the query heads of each KV group by `group_reduce` (mean or max, a field
-of the policies that need it). `layer_budgets` spreads a total budget over layers (uniform unless
-the policy says otherwise, as PyramidKV does).
+method always keeps (sinks, an observation window) score +inf. A policy declares what it reads
+beyond keys, values and positions with `reads()` (a `forward_influence.observation.Reads`), so the
+offline tracer and the online runtime compute only that. Options are `Literal` fields checked when
+the policy is built: an unknown value is an `InputError`, never a silent default. GQA is explicit:
+per-query-head quantities are reduced over the query heads of each KV group by `group_reduce` (mean
+or max, a field of the policies that need it). `layer_budgets` spreads a per-layer budget over
+layers (uniform unless the policy says otherwise, as PyramidKV does).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 
-from forward_influence.observation import Observation
+from forward_influence.errors import InputError
+from forward_influence.observation import Observation, Reads
+
+GroupReduce = Literal["mean", "max"]
+AT_LEAST_ONE = "at least 1"
+Count = Annotated[int, AT_LEAST_ONE]  # a window, kernel or k: a positive integer
 
 
-def group_reduce(x: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
+def group_reduce(x: torch.Tensor, num_kv_heads: int, how: GroupReduce = "mean") -> torch.Tensor:
     """``[batch, heads, tokens]`` -> ``[batch, kv_heads, tokens]`` over each GQA group (mean or max)."""
     b, h, t = x.shape
     grouped = x.reshape(b, num_kv_heads, h // num_kv_heads, t)
@@ -30,18 +41,21 @@ def broadcast_heads(values: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return values[:, None, :].expand(-1, num_kv_heads, -1).clone()
 
 
-def protect(scores: torch.Tensor, sinks: int = 0, window: int = 0) -> torch.Tensor:
-    """Set the first `sinks` and last `window` tokens to +inf (always kept)."""
+def protect(scores: torch.Tensor, sinks: int = 0, recent: int = 0) -> torch.Tensor:
+    """Set the first `sinks` and last `recent` tokens of the cache to +inf (always kept)."""
     scores = scores.clone()
     if sinks:
         scores[..., :sinks] = float("inf")
-    if window:
-        scores[..., -window:] = float("inf")
+    if recent:
+        scores[..., -recent:] = float("inf")
     return scores
 
 
-def pool(scores: torch.Tensor, kernel: int, how: str = "avg") -> torch.Tensor:
-    """1-D pooling over tokens with stride 1 and same-size output (SnapKV's clustering)."""
+def pool(
+    scores: torch.Tensor, kernel: int, how: Literal["avg", "max"] = "avg", count_padding: bool = False
+) -> torch.Tensor:
+    """1-D pooling over tokens with stride 1 and same-size output (SnapKV's clustering). Average
+    pooling divides by the tokens inside the kernel unless `count_padding` (PyTorch's default)."""
     if kernel <= 1:
         return scores
     shape = scores.shape
@@ -49,28 +63,56 @@ def pool(scores: torch.Tensor, kernel: int, how: str = "avg") -> torch.Tensor:
     if how == "max":
         out = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
     else:
-        out = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        out = torch.nn.functional.avg_pool1d(
+            flat, kernel, stride=1, padding=kernel // 2, count_include_pad=count_padding
+        )
     return out[..., : shape[-1]].reshape(shape)
+
+
+def check_fields(policy: object) -> None:
+    """Raise `InputError` for a field value outside its declared type: a `Literal` option not among
+    its choices, a bool that is not one, a `Count` below 1, a negative integer or a non-finite number."""
+    hints = typing.get_type_hints(type(policy), include_extras=True)
+    for field in dataclasses.fields(policy):
+        value, kind = getattr(policy, field.name), hints.get(field.name)
+        where = f"{getattr(policy, 'name', type(policy).__name__)}: {field.name}"
+        if typing.get_origin(kind) is Annotated and AT_LEAST_ONE in typing.get_args(kind)[1:]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{where} must be an integer of at least 1, got {value!r}")
+        elif typing.get_origin(kind) is Literal:
+            if value not in typing.get_args(kind):
+                choices = ", ".join(map(str, typing.get_args(kind)))
+                raise InputError(f"{where} must be one of {choices}, got {value!r}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise InputError(f"{where} must be true or false, got {value!r}")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{where} must be a non-negative integer, got {value!r}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{where} must be a finite number, got {value!r}")
 
 
 @dataclass
 class Policy:
-    """Base class: subclasses set `name` (the CLI name) and implement `score`.
-
-    `needs` names the observation parts beyond keys, values and window queries that `score` reads
-    (``entropy``, ``evolution``, ``cumulative_attention``, ``logit_lens``), so the runtime computes
-    only those.
-    """
+    """Base class: subclasses set `name` (the CLI name), declare `reads` and implement `score`."""
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()
+    online: ClassVar[bool] = True  # False: scores only from a traced trace, never inside generation
 
-    def requires(self) -> frozenset[str]:
-        """What this instance reads (may depend on its fields, as InfoKV's does)."""
-        return self.needs
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def reads(self) -> Reads:
+        """What `score` reads beyond each layer's keys, values and positions (none by default)."""
+        return Reads()
 
     def score(self, obs: Observation, layer: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Scores ``[batch, kv_heads, tokens]`` of layer `layer`'s cached tokens, in cache order:
+        higher means keep, +inf for tokens the method always keeps. A subclass states its rule here
+        and reads only what `reads` declares."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score(obs, layer)")
 
     def layer_budgets(self, tokens: int, num_layers: int) -> list[int]:
         """Kept tokens per layer for a per-layer budget of `tokens` (uniform)."""

@@ -1,17 +1,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from .base import Policy, protect
+from forward_influence.defaults import SINKS, TOP_K, WINDOW
+from forward_influence.observation import Observation, Reads
 
+from .base import Count, Policy, protect
 
-def token_entropy(obs, alignment: str) -> torch.Tensor:
-    """``[batch, seen]`` top-k entropy by position under an alignment: ``next`` or ``generated``."""
-    if alignment not in ("next", "generated"):
-        raise ValueError(f"alignment must be 'next' or 'generated', got {alignment!r}")
-    return obs.entropy_next if alignment == "next" else obs.entropy_generated
+Alignment = Literal["next", "generated"]
 
 
 @dataclass
@@ -20,18 +19,20 @@ class Entropy(Policy):
 
     Each token scores the entropy of its top-`top_k` next-token probabilities (renormalised), taken
     from the distribution at the token (``alignment="next"``, predicting the following token) or from
-    the one that produced it (``"generated"``); unknown entropies (the newest token under "next")
-    count as +inf. The first `sinks` and last `window` tokens are kept. Scores: [batch, kv_heads,
-    tokens]; higher means keep. `top_k` is the k the observation must be built with.
+    the one that produced it (``"generated"``); unknown entropies (the first token under "generated")
+    count as +inf. The first `sinks` and the `recent` newest tokens are kept. Scores: [batch,
+    kv_heads, tokens]; higher means keep.
     """
 
     name = "entropy"
-    needs = frozenset({"entropy"})
-    top_k: int = 10
-    alignment: str = "next"
-    sinks: int = 4
-    window: int = 32
+    top_k: Count = TOP_K
+    alignment: Alignment = "next"
+    sinks: int = SINKS
+    recent: int = WINDOW
 
-    def score(self, obs, layer):
-        values = torch.nan_to_num(token_entropy(obs, self.alignment), nan=float("inf"))
-        return protect(obs.per_token(layer, values), self.sinks, self.window)
+    def reads(self) -> Reads:
+        return Reads(top_k=frozenset({self.top_k}))
+
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
+        values = torch.nan_to_num(obs.entropy(self.top_k, self.alignment), nan=float("inf"))
+        return protect(obs.per_token(layer, values), self.sinks, self.recent)

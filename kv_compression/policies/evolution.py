@@ -4,12 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
+from forward_influence.defaults import SINKS, WINDOW
+from forward_influence.observation import Observation, Reads
+
 from .base import Policy, protect
-
-
-def mean_evolution(obs) -> torch.Tensor:
-    """``[batch, seen]`` representation change ``1 - cos(h_in, h_out)`` by position, averaged over layers."""
-    return obs.evolution.nanmean(dim=1)
 
 
 @dataclass
@@ -18,15 +16,17 @@ class Evolution(Policy):
 
     Each token scores ``1 - cos(h_in, h_out)`` of its residual stream across each layer, averaged over
     all layers (``per_layer=False``) or taken at the scored layer (``per_layer=True``). The first
-    `sinks` and last `window` tokens are kept. Scores: [batch, kv_heads, tokens]; higher means keep.
+    `sinks` and the `recent` newest tokens are kept. Scores: [batch, kv_heads, tokens]; higher means keep.
     """
 
     name = "evolution"
-    needs = frozenset({"evolution"})
     per_layer: bool = False
-    sinks: int = 4
-    window: int = 32
+    sinks: int = SINKS
+    recent: int = WINDOW
 
-    def score(self, obs, layer):
-        values = obs.evolution[:, layer] if self.per_layer else mean_evolution(obs)
-        return protect(obs.per_token(layer, torch.nan_to_num(values, nan=float("inf"))), self.sinks, self.window)
+    def reads(self) -> Reads:
+        return Reads(layer_change=True)
+
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
+        change = obs.layer_change[:, layer] if self.per_layer else obs.layer_change.nanmean(dim=1)
+        return protect(obs.per_token(layer, torch.nan_to_num(change, nan=float("inf"))), self.sinks, self.recent)

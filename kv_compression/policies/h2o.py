@@ -2,7 +2,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Policy, group_reduce, protect
+import torch
+
+from forward_influence.defaults import WINDOW
+from forward_influence.observation import Observation, Reads
+
+from .base import GroupReduce, Policy, group_reduce, protect
 
 
 @dataclass
@@ -15,10 +20,12 @@ class H2O(Policy):
     """
 
     name = "h2o"
-    needs = frozenset({"cumulative_attention"})
-    recent: int = 32
-    group: str = "mean"
+    recent: int = WINDOW
+    group: GroupReduce = "mean"
 
-    def score(self, obs, layer):
+    def reads(self) -> Reads:
+        return Reads(cumulative_attention=True)
+
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
         received = obs.layers[layer].cumulative_attention
-        return protect(group_reduce(received, self.kv_heads(obs, layer), self.group), window=self.recent)
+        return protect(group_reduce(received, self.kv_heads(obs, layer), self.group), recent=self.recent)

@@ -1,16 +1,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from .base import Policy, protect
-from .entropy import token_entropy
-from .evolution import mean_evolution
-from .snapkv import SnapKV
+from forward_influence.defaults import WINDOW
+from forward_influence.errors import InputError
+from forward_influence.observation import Observation, Reads
+
+from .base import Count, Policy, protect
+from .entropy import Alignment
+from .snapkv import window_attention
+
+Combination = Literal["softmax", "zscore", "rank"]
+EvolutionMeasure = Literal["to_final", "across_layers", "logit_lens", "none"]
 
 
-def normalise(x: torch.Tensor, how: str) -> torch.Tensor:
+def normalise(x: torch.Tensor, how: Literal["zscore", "rank"]) -> torch.Tensor:
     """Per row (layer, KV head) over tokens: ``zscore`` or ``rank`` (scaled to [0, 1]); +inf ignored."""
     finite = torch.isfinite(x)
     values = torch.where(finite, x, torch.nan)
@@ -18,70 +25,96 @@ def normalise(x: torch.Tensor, how: str) -> torch.Tensor:
         mean = values.nanmean(dim=-1, keepdim=True)
         std = ((values - mean) ** 2).nanmean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
         out = (values - mean) / std
-    elif how == "rank":
+    else:
         ranks = torch.nan_to_num(values, nan=float("inf")).argsort(dim=-1).argsort(dim=-1).float()
         out = ranks / (finite.sum(dim=-1, keepdim=True) - 1).clamp_min(1)
-    else:
-        raise ValueError(f"normalisation must be 'zscore' or 'rank', got {how!r}")
     return torch.where(finite, out, x)
 
 
 @dataclass
 class InfoKV(Policy):
-    """Attention combined with entropy modulated by representation evolution (InfoKV, arXiv 2606.26875).
+    """Attention mixed with entropy weighted by representation evolution (InfoKV, arXiv 2606.26875).
 
-    The paper publishes the ingredients, not the constants; every open choice is a field:
+    The published rule, as three independent write-ups of the paper's PDF state it (no code and no
+    full text of the paper are public, so this is the best statement available). Per layer l and
+    cached token i:
 
-    ``score = N(A) + weight * w_l * N(E * (1 + V))``
+    - H_i, the uncertainty: the top-`top_k` restricted entropy (k = 256, the probabilities of the k most
+      likely tokens renormalised; nats) of the distribution that generated token i
+      (``alignment="generated"``; ``"next"`` takes the distribution at the token instead). An unknown
+      entropy (the first token) counts as the largest known one.
+    - D_i^(l), the representation evolution: the cosine distance between token i's residual stream
+      after layer l and after the last layer (``evolution="to_final"``; 0 at the last layer).
+    - E_i^(l) = (D_i^(l) + `tau`) * H_i, with tau = 1 so the last layer's term does not vanish.
+    - A_i^(l), the attention: SnapKV's (`window` = 32 queries, mean over them, average-pooled with
+      width `kernel`, mean over each KV group). It is a distribution over the cached tokens: each
+      query's attention sums to 1 over them, and so does the mean (pooling shifts the sum by well
+      under 1%).
+    - S_i^(l) = `alpha` * A_i^(l) + (1 - `alpha`) * softmax_i(E^(l)) over the layer's cached tokens, with
+      alpha = 0.9 (alpha = 1 is pure attention); each layer keeps its top tokens per KV head. The
+      window is always kept; the published rule keeps no sink tokens (`sinks` = 0).
 
-    - A: SnapKV attention (window `window`, pooling `kernel`, mean over each GQA group),
-    - E: top-`top_k` entropy under `alignment` (``next`` or ``generated``; unknown counts as the
-      largest known value),
-    - V: representation change, ``1 - cos`` of the residual stream across each layer averaged over
-      layers (``evolution="hidden"``), or the mean absolute change of the logit-lens top-k entropy
-      from one layer to the next (``"logit_lens"``, nats; one output-head pass per layer), or none
-      (``"none"``),
-    - N: `normalisation` per layer and KV head over tokens (``zscore`` or ``rank``),
-    - w_l: `layer_weighting` of the entropy term, ``uniform`` (1) or ``linear`` (0 at the bottom layer
-      to 2 at the top, mean 1).
-
-    The first `sinks` and last `window` tokens are kept. Scores: [batch, kv_heads, tokens]; higher
-    means keep.
+    The open choices are fields, and `forward-influence calibrate` chooses among them by Forward
+    Influence: `combination` (``softmax`` as published, or both terms put on one scale by ``zscore`` or
+    ``rank`` per layer and KV head and mixed with the same alpha), `evolution` (``to_final``;
+    ``across_layers``: ``1 - cos`` across each layer averaged over layers; ``logit_lens``: the mean
+    absolute change of the logit-lens top-k entropy from one layer to the next; ``none``: D = 0),
+    `alpha`, `tau`, `top_k` and `alignment`. Scores: [batch, kv_heads, tokens]; higher means keep.
     """
 
     name = "infokv"
-    top_k: int = 10
-    alignment: str = "next"
-    evolution: str = "hidden"
-    normalisation: str = "zscore"
-    weight: float = 0.5
-    layer_weighting: str = "uniform"
-    window: int = 32
-    kernel: int = 5
-    sinks: int = 4
+    alpha: float = 0.9
+    tau: float = 1.0
+    top_k: Count = 256
+    alignment: Alignment = "generated"
+    evolution: EvolutionMeasure = "to_final"
+    combination: Combination = "softmax"
+    window: Count = WINDOW
+    kernel: Count = 5
+    sinks: int = 0
 
-    def requires(self):
-        extra = {"hidden": {"evolution"}, "logit_lens": {"logit_lens"}}.get(self.evolution, set())
-        return frozenset({"entropy"} | extra)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise InputError(f"infokv: alpha must lie in [0, 1], got {self.alpha}")
+        if self.tau < 0:
+            raise InputError(f"infokv: tau must be at least 0, got {self.tau}")
 
-    def score(self, obs, layer):
-        attention = SnapKV(window=self.window, kernel=self.kernel).attention(obs, layer)
-        entropy = token_entropy(obs, self.alignment)
-        entropy = torch.where(torch.isnan(entropy), entropy.nan_to_num(nan=0.0).amax(dim=-1, keepdim=True), entropy)
-        if self.evolution == "hidden":
-            entropy = entropy * (1 + mean_evolution(obs))
-        elif self.evolution == "logit_lens":
-            entropy = entropy * (1 + obs.logit_lens.diff(dim=1).abs().mean(dim=1))
-        elif self.evolution != "none":
-            raise ValueError(f"evolution must be 'hidden', 'logit_lens' or 'none', got {self.evolution!r}")
-        if self.layer_weighting == "linear":
-            n = len(obs.layers)
-            scale = 2 * layer / (n - 1) if n > 1 else 1.0
-        elif self.layer_weighting == "uniform":
-            scale = 1.0
-        else:
-            raise ValueError(f"layer_weighting must be 'uniform' or 'linear', got {self.layer_weighting!r}")
-        combined = normalise(attention, self.normalisation) + self.weight * scale * normalise(
-            obs.per_token(layer, entropy), self.normalisation
+    def reads(self) -> Reads:
+        k = frozenset({self.top_k})
+        return Reads(
+            window=self.window,
+            top_k=k,
+            final_distance=self.evolution == "to_final",
+            layer_change=self.evolution == "across_layers",
+            logit_lens=k if self.evolution == "logit_lens" else frozenset(),
         )
+
+    def evolution_term(self, obs: Observation, layer: int) -> torch.Tensor:
+        """D of every token seen, ``[batch, seen]`` (unknown values count as 0)."""
+        if self.evolution == "to_final":
+            change = obs.final_distance[:, layer]
+        elif self.evolution == "across_layers":
+            change = obs.layer_change.nanmean(dim=1)
+        elif self.evolution == "logit_lens":
+            change = obs.logit_lens[self.top_k].diff(dim=1).abs().mean(dim=1)
+        else:
+            return torch.zeros_like(obs.entropy(self.top_k, self.alignment))
+        return torch.nan_to_num(change, nan=0.0)
+
+    def uncertainty(self, obs: Observation, layer: int) -> torch.Tensor:
+        """E = (D + tau) * H of every token seen, ``[batch, seen]``."""
+        entropy = obs.entropy(self.top_k, self.alignment)
+        entropy = torch.where(torch.isnan(entropy), entropy.nan_to_num(nan=0.0).amax(dim=-1, keepdim=True), entropy)
+        return (self.evolution_term(obs, layer) + self.tau) * entropy
+
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
+        attention = window_attention(obs, layer, self.window, self.kernel)
+        uncertainty = obs.per_token(layer, self.uncertainty(obs, layer))
+        if self.combination == "softmax":
+            combined = self.alpha * attention + (1 - self.alpha) * torch.softmax(uncertainty, dim=-1)
+        else:
+            combined = self.alpha * normalise(attention, self.combination) + (1 - self.alpha) * normalise(
+                uncertainty, self.combination
+            )
         return protect(combined, self.sinks, self.window)

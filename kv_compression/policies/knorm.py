@@ -2,6 +2,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from forward_influence.observation import Observation
+
 from .base import Policy
 
 
@@ -15,5 +19,5 @@ class Knorm(Policy):
 
     name = "knorm"
 
-    def score(self, obs, layer):
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
         return -obs.layers[layer].keys.float().norm(dim=-1)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from forward_influence.errors import InputError
+
 from .snapkv import SnapKV
 
 
@@ -18,11 +20,18 @@ class PyramidKV(SnapKV):
     name = "pyramidkv"
     beta: int = 20
 
-    def layer_budgets(self, tokens, num_layers):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 1:
+            raise InputError(f"pyramidkv: beta must be at least 1, got {self.beta}")
+
+    def layer_budgets(self, tokens: int, num_layers: int) -> list[int]:
         if num_layers == 1:
             return [tokens]
         extra = max(tokens - self.window, 0)
         top = extra / self.beta
         bottom = 2 * extra - top
-        budgets = [round(bottom - (bottom - top) * l / (num_layers - 1)) + min(tokens, self.window) for l in range(num_layers)]
-        return budgets
+        return [
+            round(bottom - (bottom - top) * layer / (num_layers - 1)) + min(tokens, self.window)
+            for layer in range(num_layers)
+        ]

@@ -4,7 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy, group_reduce, pool, protect
+from forward_influence.observation import Observation, Reads
+
+from .base import Count, Policy, group_reduce, pool, protect
 
 
 @dataclass
@@ -20,12 +22,15 @@ class RKV(Policy):
     """
 
     name = "rkv"
-    window: int = 8
-    kernel: int = 7
+    window: Count = 8
+    kernel: Count = 7
     lam: float = 0.1
     threshold: float = 0.5
 
-    def score(self, obs, layer):
+    def reads(self) -> Reads:
+        return Reads(window=self.window)
+
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
         received = obs.window_attention(layer, self.window).mean(dim=2)
         importance = group_reduce(pool(received, self.kernel, how="max"), self.kv_heads(obs, layer), "max")
         keys = torch.nn.functional.normalize(obs.layers[layer].keys.float(), dim=-1)
@@ -33,4 +38,4 @@ class RKV(Policy):
         similarity.diagonal(dim1=-2, dim2=-1).zero_()
         later_duplicate = (similarity > self.threshold).triu(diagonal=1).any(dim=-1)
         redundancy = torch.softmax(similarity.mean(dim=-1), dim=-1) * later_duplicate
-        return protect(self.lam * importance - (1 - self.lam) * redundancy, window=self.window)
+        return protect(self.lam * importance - (1 - self.lam) * redundancy, recent=self.window)

@@ -2,6 +2,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from forward_influence.defaults import SINKS
+from forward_influence.observation import Observation
+
 from .base import Policy, protect
 
 
@@ -14,7 +19,7 @@ class StreamingLLM(Policy):
     """
 
     name = "streaming"
-    sinks: int = 4
+    sinks: int = SINKS
 
-    def score(self, obs, layer):
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
         return protect(obs.layers[layer].positions.float(), sinks=self.sinks)

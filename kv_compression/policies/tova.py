@@ -2,6 +2,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from forward_influence.observation import Observation, Reads
+
 from .base import Policy, broadcast_heads
 
 
@@ -16,6 +20,9 @@ class TOVA(Policy):
 
     name = "tova"
 
-    def score(self, obs, layer):
+    def reads(self) -> Reads:
+        return Reads(window=1)
+
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
         last = obs.window_attention(layer, 1)[:, :, 0]  # [batch, heads, tokens]
         return broadcast_heads(last.mean(dim=1), self.kv_heads(obs, layer))

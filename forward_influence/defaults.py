@@ -1,0 +1,16 @@
+"""The measurement conventions every layer shares, each a named number.
+
+- `TOP_K`: k of the top-k entropy signals (the k most probable next tokens, renormalised).
+- `SINKS`: the first positions a selection never evicts (attention sinks; evicting them measures the
+  sink effect rather than the token).
+- `WINDOW`: SnapKV's observation window, the last queries whose attention scores a token.
+- `QUERY_WINDOW`: the recent queries an observation keeps, so every default policy finds its window in it.
+- `NEAR`, `FAR_FROM`: the distances of near (1-8) and far (33 and beyond) Forward Influence.
+"""
+
+TOP_K = 10
+SINKS = 4
+WINDOW = 32
+QUERY_WINDOW = 64
+NEAR = (1, 8)
+FAR_FROM = 33

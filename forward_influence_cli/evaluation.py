@@ -1,0 +1,87 @@
+"""Evaluation commands: sweep policies and budgets over tasks, calibrate InfoKV."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import options, outputs
+from .options import add_model, positive_int
+
+EXAMPLES = {
+    "eval": "forward-influence eval --task fidelity --policies infokv,snapkv,h2o,random --budgets 0.1,0.25,0.5 --docs 5",
+    "calibrate": "forward-influence calibrate --docs 4",
+}
+DEFAULT_POLICIES = "infokv,snapkv,h2o,tova,streaming,knorm,rkv,random"
+
+
+@options.checked
+def _tasks(text: str) -> list[str]:
+    from analyses.tasks import registry
+
+    tasks, known = options.names(text), registry()
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}")
+    return tasks
+
+
+def add(command) -> None:
+    p = command("eval", "sweep policies x budgets over evaluation tasks (resumable); writes results, summary, figures")
+    p.add_argument("--task", type=_tasks, default="fidelity", help="comma-separated tasks (default fidelity)")
+    p.add_argument(
+        "--policies",
+        type=options.policy_list,
+        default=DEFAULT_POLICIES,
+        help="comma-separated policies, NAME or NAME:field=value:... (default %(default)s)",
+    )
+    p.add_argument(
+        "--budgets",
+        type=options.budget_list,
+        default="0.1,0.25,0.5",
+        help="comma-separated budgets: ratios, counts or prompt+RATIO (default %(default)s)",
+    )
+    p.add_argument("--docs", type=positive_int, default=5, help="items per task (default 5)")
+    add_model(p)
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0); the same seed gives identical CSVs")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
+
+    p = command("calibrate", "choose InfoKV's settings by far-distance Forward Influence on the calibration essays")
+    add_model(p)
+    p.add_argument("--docs", type=positive_int, default=4, help="calibration essays (default 4)")
+    p.add_argument(
+        "--budgets",
+        type=options.budget_list,
+        default="0.1,0.25,0.5",
+        help="budgets averaged over (default %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder of the calibration file (default: the per-user data folder, where infokv-calibrated looks first)",
+    )
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from analyses.evaluate import evaluate as sweep
+
+    outputs.check_folder(args.out)
+    loaded = options.loaded_model(args)
+    print(sweep(loaded, args.task, args.policies, args.budgets, args.docs, args.out, args.seed))
+
+
+def calibrate(args: argparse.Namespace) -> None:
+    from analyses.calibrate import calibrate as measure
+    from kv_compression.calibration import file_name, user_folder
+
+    folder = args.out or user_folder()
+    outputs.check_folder(folder)
+    loaded = options.loaded_model(args)
+    result = measure(loaded, args.budgets, args.docs, out=folder / file_name(loaded.name))
+    print(f"chosen: {result['settings']}", file=sys.stderr)
+    print(folder / file_name(loaded.name))
+
+
+COMMANDS = {"eval": evaluate, "calibrate": calibrate}

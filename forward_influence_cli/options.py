@@ -1,0 +1,163 @@
+"""Validated argument types and the options several commands share.
+
+Every value with a rule is an argparse type, so the rule lives in one place and a bad value fails at
+parsing, before any model loads, with one line naming the option: budgets, positive counts,
+fractions, policy names (with ``:field=value`` settings), devices. Output paths are checked by
+`forward_influence_cli.outputs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from forward_influence.errors import InputError
+from forward_influence.models import DEFAULT_MODEL, DTYPES, check_device
+from forward_influence.traces import check_spec
+from kv_compression.budget import Budget
+from kv_compression.names import CALIBRATED, parse, policy_names
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``error:`` line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(message)
+
+
+def checked(convert: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type from a converter that raises `InputError`/`ValueError` with a readable message."""
+
+    def parse_value(text: str) -> object:
+        try:
+            return convert(text)
+        except ValueError as exc:  # InputError included
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse_value.__name__ = convert.__name__
+    return parse_value
+
+
+def _integer(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+    if value < least:
+        raise ValueError(f"must be at least {least}, got {value}")
+    return value
+
+
+positive_int = checked(lambda text: _integer(text, 1))
+non_negative_int = checked(lambda text: _integer(text, 0))
+
+
+@checked
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"fraction must lie in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {text}")
+    return value
+
+
+budget = checked(Budget.parse)
+
+
+def names(text: str) -> list[str]:
+    """Comma-separated names, blanks dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@checked
+def budget_list(text: str) -> list[str]:
+    values = names(text)
+    if not values:
+        raise ValueError("no budget given")
+    for value in values:
+        Budget.parse(value)
+    return values
+
+
+@checked
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in names(text))
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _check_policy(spec: str) -> str:
+    name = spec.split(":")[0].strip()
+    if name not in policy_names():
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(policy_names())}")
+    if name != CALIBRATED:  # its fields need the model's calibration: built after parsing
+        parse(spec, quiet=True)
+    return spec.strip()
+
+
+policy = checked(_check_policy)
+
+
+@checked
+def policy_list(text: str) -> list[str]:
+    specs = names(text)
+    unknown = [s.split(":")[0] for s in specs if s.split(":")[0].strip() not in policy_names()]
+    if unknown or not specs:
+        raise ValueError(f"unknown policy {', '.join(unknown) or '(none)'}; choose from {', '.join(policy_names())}")
+    return [_check_policy(spec) for spec in specs]
+
+
+@checked
+def device(text: str) -> str:
+    check_device(text)
+    return text
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name, .gguf path, folder or hub id (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations (default float32)")
+    p.add_argument("--device", default="cpu", type=device, help="torch device: cpu, cuda, cuda:N, mps (default cpu)")
+
+
+def add_trace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="essay:NAME (patterns allowed, e.g. 'essay:*'), a .txt or .jsonl file, or - for stdin")
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="keep the first N tokens of each trace (default: all)"
+    )
+
+
+def add_out(p: argparse.ArgumentParser, formats: bool = True) -> None:
+    p.add_argument("--out", type=Path, default=None, help="write to FILE (.csv, .jsonl or .parquet) instead of stdout")
+    if formats:
+        p.add_argument(
+            "--format", choices=["table", "csv", "jsonl"], default="table", help="stdout format (default table)"
+        )
+
+
+def check_trace(spec: str) -> None:
+    """Fail fast, before the model loads, on a trace the tokenizer would never accept."""
+    check_spec(spec)
+
+
+def loaded_model(args: argparse.Namespace):
+    from forward_influence.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def tracer_and_traces(args: argparse.Namespace):
+    """The tracer of ``--model`` and the traces of the positional trace, checked against the model."""
+    from forward_influence.tracer import Tracer
+    from forward_influence.traces import check_context, read_traces
+
+    check_trace(args.trace)
+    loaded = loaded_model(args)
+    traces = read_traces(args.trace, loaded.tokenizer, args.max_tokens)
+    check_context(traces, loaded.model)
+    return Tracer(loaded), traces

@@ -1,0 +1,60 @@
+"""Output paths and tables: checked before any work, written atomically, the main path printed last."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from forward_influence.errors import InputError
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{option} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {folder}: {existing} is not writable")
+
+
+def check_file(path: Path | None, suffixes: tuple[str, ...] = TABLE_SUFFIXES, option: str = "--out") -> None:
+    """Refuse an output file that cannot be written: an unknown extension, a folder, an unwritable place."""
+    if path is None:
+        return
+    if path.suffix not in suffixes:
+        choices = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1 else suffixes)
+        raise InputError(f"{option} must end in {choices}, got {path.name!r}")
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; name a file")
+    _writable_folder(path.parent if str(path.parent) else Path("."), option)
+
+
+def check_folder(path: Path | None, option: str = "--out") -> None:
+    """Refuse an output folder that is an existing file or cannot be created or written."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} is a file; name a folder")
+    _writable_folder(path, option)
+
+
+def emit(frame: pd.DataFrame, args: argparse.Namespace) -> None:
+    """A table to ``--out`` (the path printed last) or to stdout in ``--format``."""
+    from forward_influence.outputs import write_table
+
+    if args.out is not None:
+        print(write_table(frame, args.out))
+    elif getattr(args, "format", "table") == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif args.format == "jsonl":
+        frame.to_json(sys.stdout, orient="records", lines=True, force_ascii=False)
+    else:
+        with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format", "{:.4g}".format):
+            print(frame.to_string(index=False))

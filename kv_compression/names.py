@@ -1,0 +1,61 @@
+"""Policies by CLI name: ``NAME`` or ``NAME:field=value:field=value``.
+
+`parse` builds a policy from such a spec: NAME is a policy's CLI name (`kv_compression.policies`) or
+``infokv-calibrated`` (InfoKV with the model's calibrated settings, `kv_compression.calibration`);
+each ``field=value`` sets one field of the policy's dataclass, converted to the field's type
+(integers, numbers, ``true``/``false``, or one of an option's choices, checked by the policy). An
+unknown name or field is an `InputError` naming the choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from forward_influence.errors import InputError
+
+from .calibration import calibrated
+from .policies import POLICIES, Policy
+
+CALIBRATED = "infokv-calibrated"
+
+
+def policy_names() -> list[str]:
+    """Every CLI policy name."""
+    return [*POLICIES, CALIBRATED]
+
+
+def _value(cls: type, field: str, text: str) -> object:
+    kind = typing.get_type_hints(cls, include_extras=True)[field]
+    base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
+    try:
+        if base is bool:
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if base in (int, float):
+            return base(text)
+    except ValueError:
+        raise InputError(
+            f"{cls.name}: {field} must be {'true or false' if base is bool else base.__name__}, got {text!r}"
+        ) from None
+    return text
+
+
+def parse(spec: str, model: str | None = None, quiet: bool = False) -> Policy:
+    """The policy a spec names (see the module docstring); `model` picks the calibration."""
+    name, *assignments = [part.strip() for part in spec.split(":")]
+    if name not in policy_names():
+        raise InputError(f"unknown policy {name!r}; choose from {', '.join(policy_names())}")
+    base = calibrated(model or "", quiet) if name == CALIBRATED else POLICIES[name]()
+    cls = type(base)
+    known = [f.name for f in dataclasses.fields(cls)]
+    changes = {}
+    for assignment in assignments:
+        field, equals, text = assignment.partition("=")
+        if not equals or field not in known:
+            raise InputError(
+                f"{spec!r}: {assignment!r} is not FIELD=VALUE with a field of {name} ({', '.join(known) or 'none'})"
+            )
+        changes[field] = _value(cls, field, text)
+    return dataclasses.replace(base, **changes) if changes else base
