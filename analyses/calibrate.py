@@ -11,7 +11,7 @@ setting compresses a 1024-token prefix at each budget, and its evicted set is me
 far-distance Forward Influence, the mean KL at distances >= 33 of the next 256 tokens (``kl_far``;
 the fidelity NLL increase is recorded beside it as a check). The setting with the lowest mean
 ``kl_far`` over budgets and essays wins and is written, with every measurement behind it, to the
-calibration file that ``infokv-calibrated`` reads (`kv_compression.calibration`).
+calibration file that ``infokv-calibrated`` reads (`kv_compression.tuned`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from forward_influence.models import LoadedModel
 from forward_influence.outputs import atomic_open
 from forward_influence.tracer import Tracer
-from kv_compression.calibration import file_name, user_folder
 from kv_compression.policies import InfoKV
+from kv_compression.tuned import file_name, user_folder
 
 from .tasks.fidelity import fidelity_rows, long_essays
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from forward_influence.models import DEFAULT_MODEL
-    from kv_compression.calibration import read
+    from kv_compression.tuned import read
 
     parser = argparse.ArgumentParser(description="show a calibration file: the chosen settings and option effects")
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL)

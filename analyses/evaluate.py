@@ -11,6 +11,7 @@ Policies are named as on the command line (``NAME`` or ``NAME:field=value:...``)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def run_task(
     settings = {p: repr(policy) for p, policy in built.items()}
     frames = []
     for item in tqdm(task.items(loaded.tokenizer, n_items), desc=task.name, unit="item", disable=not progress):
-        path, key = folder / cache.file_name(item.id), dict(task=task.name, item=item.id, tokens=item.token_ids)
+        path = folder / cache.file_name(item.id)
+        key = dict(task=repr(task), item=item.id, tokens=item.token_ids)
         stored = cache.read(path, key)
         done = (
             {}
@@ -75,9 +77,9 @@ def run_task(
 
 
 def summarize(results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """Mean and 95% t-interval across items per (task, policy, budget), with the reference columns
-    (any numeric column named ``*_full``) averaged."""
-    keys = ["task", "policy", "budget"]
+    """Mean and 95% interval across items per (task, policy, budget, and buffer when the rows have
+    one), with the reference columns (any numeric column named ``*_full``) averaged."""
+    keys = ["task", "policy", "budget", *(["buffer"] if "buffer" in results else [])]
     references = [c for c in results.columns if c.endswith("_full")]
     table = group_ci(results, keys, metrics).rename(columns={"n": "n_items"})
     means = results.groupby(keys, sort=False)[references].mean().reset_index()
@@ -120,8 +122,10 @@ def evaluate(
     n_items: int,
     out: Path,
     seed: int = 0,
+    buffer: int | None = None,
 ) -> Path:
     """Run the sweep over tasks (registered names or task objects); returns the path of ``summary.csv``.
+    `buffer` sets the compression interval of the tasks that decode (those with a ``buffer`` field).
     An unknown task or policy or a bad budget is an `InputError` before any work."""
     known = registry()
     unknown = [t for t in tasks if isinstance(t, str) and t not in known]
@@ -134,6 +138,8 @@ def evaluate(
     frames, summaries = [], []
     for task in tasks:
         task = known[task] if isinstance(task, str) else task
+        if buffer is not None and "buffer" in {f.name for f in dataclasses.fields(task)}:
+            task = dataclasses.replace(task, buffer=buffer)
         name = task.name
         results = run_task(task, loaded, policies, budgets, n_items, out, seed)
         frames.append(results)

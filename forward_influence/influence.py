@@ -79,11 +79,14 @@ def evict(
     batch_size: int = 8,
     hidden: bool = True,
     progress: bool = False,
+    chunk: int | None = None,
 ) -> Divergence:
     """Run every row for `max_distance` positions after its eviction time; compare with `clean`.
 
     A row is one spec or several (e.g. a policy's per-layer, per-head choices); a row's eviction
-    time is the earliest of its specs'.
+    time is the earliest of its specs'. `chunk` runs the suffix `chunk` query positions at a time, each
+    piece attending to the cache the earlier ones extended (the same numbers; the masks then take
+    ``chunk x keys`` per row instead of ``suffix x keys``, which long suffixes need).
     """
     n_tokens = clean.token_ids.shape[0]
     n_layers = tracer.layout.num_layers
@@ -117,10 +120,30 @@ def evict(
         cached = torch.arange(n_cached, device=device).expand(len(rows), -1)
         key_positions = torch.cat([cached, query_positions], dim=1)
         key_valid = torch.cat([cached <= times[:, None], valid], dim=1)
-        masks = build_masks(tracer.layout, rows, query_positions, key_positions, key_valid, tracer.dtype)
         cache = expand_cache(clean.cache, n_cached, len(rows))
-        out = tracer.run(input_ids, position_ids=query_positions, masks=masks, cache=cache, hidden=hidden)
-        row_kl, row_agree, row_nll = kl_and_agreement(tracer.model, clean.references, gather[valid], out.final[valid])
+        finals, states = [], []
+        for piece in range(0, length, chunk or length):
+            end = min(length, piece + (chunk or length))
+            keys = n_cached + end
+            masks = build_masks(
+                tracer.layout,
+                rows,
+                query_positions[:, piece:end],
+                key_positions[:, :keys],
+                key_valid[:, :keys],
+                tracer.dtype,
+            )
+            out = tracer.run(
+                input_ids[:, piece:end],
+                position_ids=query_positions[:, piece:end],
+                masks=masks,
+                cache=cache,
+                hidden=hidden,
+            )
+            finals.append(out.final)
+            states.append(out.hidden)
+        final = torch.cat(finals, dim=1)
+        row_kl, row_agree, row_nll = kl_and_agreement(tracer.model, clean.references, gather[valid], final[valid])
         b, d = valid.nonzero(as_tuple=True)
         index = (b + start).cpu().numpy(), (d).cpu().numpy()
         kl[index] = row_kl.cpu().numpy()
@@ -129,7 +152,9 @@ def evict(
         nll[index] = torch.where(last, torch.nan, row_nll).cpu().numpy()
         if hidden:
             # Residual stream after each layer: [layers, B, D, hidden] vs the clean run at the same positions.
-            layer_cos, layer_rel = hidden_divergence(clean.hidden[1:][:, gather[valid]], out.hidden[1:][:, valid])
+            layer_cos, layer_rel = hidden_divergence(
+                clean.hidden[1:][:, gather[valid]], torch.cat(states, dim=2)[1:][:, valid]
+            )
             cos[index[0], :, index[1]] = layer_cos.T.cpu().numpy()
             rel[index[0], :, index[1]] = layer_rel.T.cpu().numpy()
     return Divergence(kl, agree, nll, cos, rel)

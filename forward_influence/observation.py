@@ -23,11 +23,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from .attention import attention_probs, attention_received
 from .defaults import QUERY_WINDOW
+from .errors import InputError
+from .influence import clean_run
 from .logits import DEFAULT_CHUNK, topk_entropies
+from .scan import scan_at
 from .signals import distance_to_final, generated_alignment, representation_change
 from .tracer import Tracer
 
@@ -44,6 +48,9 @@ class Reads:
     layer_change: ``1 - cos`` of each token's residual stream across each layer.
     final_distance: ``1 - cos`` between each token's stream after each layer and after the last one.
     logit_lens: the k of each top-k entropy of the logit lens after every layer.
+    influence: the distance D of each token's measured Forward Influence at the observation's time
+        (each token evicted alone, mean KL over the next D positions; 0 = not read). It needs the
+        tokens that follow, so only an offline observation of a trace with its future can hold it.
     """
 
     window: int = 0
@@ -52,13 +59,14 @@ class Reads:
     layer_change: bool = False
     final_distance: bool = False
     logit_lens: frozenset[int] = frozenset()
+    influence: int = 0
 
     def __or__(self, other: Reads) -> Reads:
-        """Everything either reads (the longer window)."""
+        """Everything either reads (the longer window and influence distance)."""
         return Reads(
             **{
                 f.name: max(getattr(self, f.name), getattr(other, f.name))
-                if f.name == "window"
+                if f.name in ("window", "influence")
                 else getattr(self, f.name) | getattr(other, f.name)
                 for f in fields(self)
             }
@@ -93,9 +101,10 @@ class Observation:
     entropy_next[k][:, p] is the top-k entropy of the distribution at position p (predicting p+1);
     `entropy` also gives the generated alignment. layer_change[:, l, p] is ``1 - cos`` of token p across
     layer l, final_distance[:, l, p] the cosine distance of its stream after layer l to its stream after
-    the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l (each None
-    or empty unless read). `prompt_length` is the number of prompt tokens when the observation is taken
-    while decoding (None when the whole trace is the prompt).
+    the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l,
+    influence[:, p] the measured Forward Influence of token p evicted alone now (each None or empty
+    unless read). `prompt_length` is the number of prompt tokens when the observation is taken while
+    decoding (None when the whole trace is the prompt).
     """
 
     layers: list[LayerObservation]
@@ -103,6 +112,7 @@ class Observation:
     layer_change: torch.Tensor | None = None
     final_distance: torch.Tensor | None = None
     logit_lens: dict[int, torch.Tensor] = field(default_factory=dict)
+    influence: torch.Tensor | None = None
     prompt_length: int | None = None
 
     def entropy(self, top_k: int, alignment: str) -> torch.Tensor:
@@ -152,11 +162,29 @@ def rotary_frequencies(model, layer: int) -> torch.Tensor | None:
     return frequencies if frequencies is not None else getattr(rotary, "inv_freq", None)
 
 
+def measured_influence(tracer: Tracer, token_ids: Sequence[int], future: Sequence[int], distance: int) -> torch.Tensor:
+    """``[1, len(token_ids)]``: each token of `token_ids` evicted alone at the last position, mean KL
+    over the next ``min(distance, len(future))`` positions of `future` (`forward_influence.scan.scan_at`)."""
+    if not len(future):
+        raise InputError("a measured influence needs the tokens that follow the observed ones")
+    span = min(distance, len(future))
+    clean = clean_run(tracer, list(token_ids) + list(future[:span]), hidden=False)
+    kl = scan_at(tracer, clean, len(token_ids) - 1, range(len(token_ids)), span).kl
+    return torch.as_tensor(np.nanmean(kl, axis=1), dtype=torch.float32, device=tracer.device)[None]
+
+
 def observe(
-    tracer: Tracer, token_ids: Sequence[int] | torch.Tensor, reads: Reads = Reads(), chunk: int = DEFAULT_CHUNK
+    tracer: Tracer,
+    token_ids: Sequence[int] | torch.Tensor,
+    reads: Reads = Reads(),
+    chunk: int = DEFAULT_CHUNK,
+    future: Sequence[int] = (),
+    influence: torch.Tensor | None = None,
 ) -> Observation:
     """The observation of a cache holding `token_ids` with what `reads` asks for, from one traced pass
-    (batch 1). The last ``max(reads.window, QUERY_WINDOW)`` queries are kept."""
+    (batch 1). The last ``max(reads.window, QUERY_WINDOW)`` queries are kept. A measured influence
+    (`Reads.influence`) is taken from `influence` when given (``[1, tokens]``), else measured on
+    `future`, the tokens that follow."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     readout = tracer.run(ids[None], use_cache=True, hidden=reads.hidden, queries=True)
     positions = torch.arange(len(ids), device=tracer.device)
@@ -191,6 +219,8 @@ def observe(
     if reads.logit_lens:
         per_layer = [lens_entropies(tracer.model, h, sorted(reads.logit_lens)) for h in outputs]
         lens = {k: torch.stack([p[k] for p in per_layer], dim=1) for k in reads.logit_lens}
+    if reads.influence and influence is None:
+        influence = measured_influence(tracer, ids.tolist(), list(future), reads.influence)
     return Observation(
         layers,
         entropy,
@@ -199,4 +229,5 @@ def observe(
         else None,
         final_distance=distance_to_final(outputs).transpose(0, 1) if reads.final_distance else None,
         logit_lens=lens,
+        influence=influence if reads.influence else None,
     )

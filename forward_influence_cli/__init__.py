@@ -2,7 +2,7 @@
 
 Commands by group, one module each: `prepare` (essays, trace, verify), `measure` (score, influence, scan),
 `compress` (generate, policies), `experiments` (compare, heatmap, demo) and `evaluation` (eval,
-calibrate). `options` holds the validated argument types and shared options, `outputs` the checks of
+calibrate, learn). `options` holds the validated argument types and shared options, `outputs` the checks of
 output paths and the writing of tables; `main` assembles the
 parser and turns errors into one ``error:`` line: exit code 2 for bad input (checked before any
 model loads wherever the check needs no tokenizer), 1 for a failure of the run (``--debug`` shows the

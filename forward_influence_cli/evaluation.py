@@ -1,4 +1,4 @@
-"""Evaluation commands: sweep policies and budgets over tasks, calibrate InfoKV."""
+"""Evaluation commands: sweep policies and budgets over tasks, calibrate InfoKV, fit the learned policy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from . import options, outputs
 from .options import add_model, positive_int
 
 EXAMPLES = {
+    "learn": "forward-influence learn --model smollm2-135m-instruct --docs 8",
     "eval": "forward-influence eval --task fidelity --policies infokv,snapkv,h2o,random --budgets 0.1,0.25,0.5 --docs 5",
     "calibrate": "forward-influence calibrate --docs 4",
 }
@@ -44,6 +45,13 @@ def add(command) -> None:
     )
     p.add_argument("--docs", type=positive_int, default=5, help="items per task (default 5)")
     add_model(p)
+    p.add_argument(
+        "--buffer",
+        type=options.non_negative_int,
+        default=None,
+        help="compression interval (new tokens between compressions) of the decoding tasks "
+        "(default: each task's own; long-decode 128)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed (default 0); the same seed gives identical CSVs")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
 
@@ -63,18 +71,50 @@ def add(command) -> None:
         help="folder of the calibration file (default: the per-user data folder, where infokv-calibrated looks first)",
     )
 
+    p = command("learn", "fit the learned policy to measured Forward Influence on the calibration essays (resumable)")
+    add_model(p)
+    p.add_argument("--docs", type=positive_int, default=8, help="calibration documents of 1088 tokens (default 8)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder of the weights file (default: the per-user data folder, where `learned` looks first)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("runs/learn"),
+        help="folder of the per-document measurements, so a run resumes (default runs/learn)",
+    )
+
+
+def learn(args: argparse.Namespace) -> None:
+    from analyses.learned import train
+    from kv_compression.tuned import file_name, user_folder
+
+    folder = args.out or user_folder("learned")
+    outputs.check_folder(folder)
+    outputs.check_folder(args.work, "--work")
+    loaded = options.loaded_model(args)
+    content = train(loaded, args.docs, folder / file_name(loaded.name), args.work)
+    print(
+        f"bands={content['bands']} alpha={content['alpha']}: held-out Spearman {content['cross_validation']}",
+        file=sys.stderr,
+    )
+    print(folder / file_name(loaded.name))
+
 
 def evaluate(args: argparse.Namespace) -> None:
     from analyses.evaluate import evaluate as sweep
 
     outputs.check_folder(args.out)
     loaded = options.loaded_model(args)
-    print(sweep(loaded, args.task, args.policies, args.budgets, args.docs, args.out, args.seed))
+    print(sweep(loaded, args.task, args.policies, args.budgets, args.docs, args.out, args.seed, args.buffer))
 
 
 def calibrate(args: argparse.Namespace) -> None:
     from analyses.calibrate import calibrate as measure
-    from kv_compression.calibration import file_name, user_folder
+    from kv_compression.tuned import file_name, user_folder
 
     folder = args.out or user_folder()
     outputs.check_folder(folder)
@@ -84,4 +124,4 @@ def calibrate(args: argparse.Namespace) -> None:
     print(folder / file_name(loaded.name))
 
 
-COMMANDS = {"eval": evaluate, "calibrate": calibrate}
+COMMANDS = {"eval": evaluate, "calibrate": calibrate, "learn": learn}

@@ -16,7 +16,7 @@ from forward_influence.errors import InputError
 from forward_influence.models import DEFAULT_MODEL, DTYPES, check_device
 from forward_influence.traces import check_spec
 from kv_compression.budget import Budget
-from kv_compression.names import CALIBRATED, parse, policy_names
+from kv_compression.names import PER_MODEL, parse, policy_names
 
 
 class Parser(argparse.ArgumentParser):
@@ -94,7 +94,7 @@ def _check_policy(spec: str) -> str:
     name = spec.split(":")[0].strip()
     if name not in policy_names():
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(policy_names())}")
-    if name != CALIBRATED:  # its fields need the model's calibration: built after parsing
+    if name not in PER_MODEL:  # those need the model's file: built after parsing
         parse(spec, quiet=True)
     return spec.strip()
 

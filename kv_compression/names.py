@@ -1,7 +1,8 @@
 """Policies by CLI name: ``NAME`` or ``NAME:field=value:field=value``.
 
 `parse` builds a policy from such a spec: NAME is a policy's CLI name (`kv_compression.policies`) or
-``infokv-calibrated`` (InfoKV with the model's calibrated settings, `kv_compression.calibration`);
+``infokv-calibrated`` (InfoKV with the model's calibrated settings); ``infokv-calibrated`` and
+``learned`` read the model's file (`kv_compression.tuned`);
 each ``field=value`` sets one field of the policy's dataclass, converted to the field's type
 (integers, numbers, ``true``/``false``, or one of an option's choices, checked by the policy). An
 unknown name or field is an `InputError` naming the choices.
@@ -14,10 +15,12 @@ import typing
 
 from forward_influence.errors import InputError
 
-from .calibration import calibrated
 from .policies import POLICIES, Policy
+from .tuned import calibrated, learned
 
 CALIBRATED = "infokv-calibrated"
+LEARNED = "learned"
+PER_MODEL = (CALIBRATED, LEARNED)  # built from a file of the model's: checked once the model is known
 
 
 def policy_names() -> list[str]:
@@ -47,7 +50,12 @@ def parse(spec: str, model: str | None = None, quiet: bool = False) -> Policy:
     name, *assignments = [part.strip() for part in spec.split(":")]
     if name not in policy_names():
         raise InputError(f"unknown policy {name!r}; choose from {', '.join(policy_names())}")
-    base = calibrated(model or "", quiet) if name == CALIBRATED else POLICIES[name]()
+    if name == CALIBRATED:
+        base = calibrated(model or "", quiet)
+    elif name == LEARNED:
+        base = learned(model or "", quiet)
+    else:
+        base = POLICIES[name]()
     cls = type(base)
     known = [f.name for f in dataclasses.fields(cls)]
     changes = {}

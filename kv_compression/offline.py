@@ -25,6 +25,13 @@ def reads(policies: Sequence[Policy]) -> Reads:
     return reduce(lambda a, b: a | b, (p.reads() for p in policies), Reads())
 
 
-def observation(tracer: Tracer, token_ids: Sequence[int] | torch.Tensor, policies: Sequence[Policy]) -> Observation:
-    """One observation of `token_ids` that every policy of `policies` can score."""
-    return observe(tracer, token_ids, reads(policies))
+def observation(
+    tracer: Tracer,
+    token_ids: Sequence[int] | torch.Tensor,
+    policies: Sequence[Policy],
+    future: Sequence[int] = (),
+    influence: torch.Tensor | None = None,
+) -> Observation:
+    """One observation of `token_ids` that every policy of `policies` can score. A policy that reads a
+    measured influence (the oracle) needs `future`, the tokens that follow, or the `influence` table."""
+    return observe(tracer, token_ids, reads(policies), future=future, influence=influence)

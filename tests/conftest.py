@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -17,6 +19,8 @@ from transformers import (
 
 from forward_influence.models import LoadedModel, load_model
 from forward_influence.tracer import Tracer
+from kv_compression.policies import POLICIES
+from kv_compression.policies.learned import SIGNALS
 
 VOCAB = 96
 
@@ -71,13 +75,15 @@ def embedded() -> Tracer:
     return Tracer(load_model())
 
 
+ONLINE = sorted(name for name, cls in POLICIES.items() if cls.online)
+
+
 def small_policy(name: str):
-    """The policy `name` sized for the tiny models: windows of 4 queries or tokens, top-k 5."""
-    import dataclasses
-
-    from kv_compression.policies import POLICIES
-
+    """The policy `name` sized for the tiny models: windows of 4 queries or tokens, top-k 5, and for the
+    learned policy a fixed weight vector (any vector exercises its rule)."""
     cls = POLICIES[name]
     fields = {f.name for f in dataclasses.fields(cls)}
-    sizes = dict(window=4, recent=4, top_k=5, future=16)
+    sizes = dict(window=4, recent=4, top_k=5, future=16, distance=8)
+    if name == "learned":
+        sizes["weights"] = tuple(torch.linspace(-1, 1, len(SIGNALS)).tolist())
     return cls(**{k: v for k, v in sizes.items() if k in fields})

@@ -245,3 +245,31 @@ def test_evaluation_documents_are_full_length_segments_spread_over_essays():
     total = sum(len(ids) // 600 for ids in essays.values())
     with pytest.raises(InputError, match=f"hold only {total} documents of 600 tokens"):
         essay_segments(tokenizer, total + 1, 600)
+
+
+def test_far_influence_averages_chunks_per_essay_then_across_essays(tmp_path):
+    from analyses import far_influence
+
+    g = torch.Generator().manual_seed(0)
+    traces = [Trace(f"d{i}", torch.randint(0, 96, (300 + 60 * i,), generator=g).tolist()) for i in range(3)]
+    tables = far_influence.run(tiny_model("llama"), tmp_path, prefix=100, chunk=37, traces=traces, progress=False)
+    table, paired, frame = tables["far_influence"], tables["far_influence_paired"], tables["far_influence_per_document"]
+    assert list(table.columns) == [
+        "selection",
+        "chunk_start",
+        "chunk_end",
+        "kl_mean",
+        "kl_ci_low",
+        "kl_ci_high",
+        "n_documents",
+    ]
+    assert set(table.selection) == set(far_influence.SELECTIONS) and (table.kl_ci_low >= 0).all()
+    assert table.set_index(["selection", "chunk_start"]).n_documents.loc[("random", 1)] == 3
+    assert table.set_index(["selection", "chunk_start"]).n_documents.loc[("random", 129)] == 2  # a full chunk only
+    first = frame[(frame.selection == "infokv") & (frame.chunk_start == 1)]
+    assert table.set_index(["selection", "chunk_start"]).kl_mean.loc[("infokv", 1)] == pytest.approx(first.kl.mean())
+    full = frame[(frame.chunk_start == 129) & (frame.chunk_end == 256)]  # partial chunks are left out
+    wide = full.pivot(index="document", columns="selection", values="kl")
+    row = paired[(paired.against == "attention_h2o") & (paired.chunk_start == 129)].iloc[0]
+    assert row.difference_mean == pytest.approx((wide.entropy_generated - wide.attention_h2o).mean())
+    assert (tmp_path / "far_influence.png").is_file()

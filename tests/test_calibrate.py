@@ -10,9 +10,9 @@ import torch
 
 from analyses.calibrate import calibrate, option_effects, settings_grid
 from forward_influence.errors import InputError
-from kv_compression.calibration import user_folder
 from kv_compression.names import parse, policy_names
 from kv_compression.policies import InfoKV
+from kv_compression.tuned import user_folder
 
 from conftest import VOCAB, tiny_model
 
@@ -38,7 +38,7 @@ def test_calibration_chooses_the_lowest_far_influence_and_infokv_calibrated_read
     assert policy == grid[ranking[0]["setting"]]
     assert f"from the user file {path}" in capsys.readouterr().err
     assert parse("infokv", "tiny-llama") == InfoKV()  # the published rule despite the file
-    with pytest.raises(InputError, match="no calibration for model 'another-model'"):
+    with pytest.raises(InputError, match="no calibration file for model 'another-model'"):
         parse("infokv-calibrated", "another-model")
     assert "infokv-calibrated" in policy_names()
     effects = option_effects(result).set_index(["option", "value"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ class SmallFidelity(Fidelity):
     prefix: int = 40
     continuation: int = 20
     far_from: int = 10
-    runs: int = 0
+    runs: int = field(default=0, repr=False)  # a counter, not a setting: left out of the cache key
 
     def items(self, tokenizer, n):
         g = torch.Generator().manual_seed(4)

@@ -128,3 +128,18 @@ def test_caller_selectors_choose_the_evicted_set(llama):
     frame = influence_by_distance(llama, [trace], ["none", "recent"], settings, selectors=chosen, progress=False)
     kl = frame.pivot(index="distance", columns="selection", values="kl")
     assert kl.none.max() < 1e-5 and (kl.recent > 1e-3).all()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_a_suffix_read_in_pieces_equals_one_pass(kind):
+    from forward_influence.eviction import EvictionSpec
+    from forward_influence.influence import clean_run, evict
+
+    tracer = Tracer(tiny_model(kind))
+    clean = clean_run(tracer, _ids(90))
+    specs = [EvictionSpec((5, 9, 20), 30), EvictionSpec((3,), 25), [EvictionSpec((7,), 30, layers=(1,), heads=(0,))]]
+    whole = evict(tracer, clean, specs, 59, batch_size=2)
+    pieces = evict(tracer, clean, specs, 59, batch_size=2, chunk=7)
+    np.testing.assert_allclose(pieces.kl, whole.kl, atol=1e-5)
+    np.testing.assert_allclose(pieces.hidden_cos, whole.hidden_cos, atol=1e-5)
+    assert np.nanmax(whole.kl) > 1e-3

@@ -14,11 +14,11 @@ from forward_influence.observation import LayerObservation, Observation, observe
 from forward_influence.tracer import Tracer, expand_cache
 from kv_compression.budget import Budget, eviction_specs, kept_indices
 from kv_compression.offline import observation, reads
-from kv_compression.policies import H2O, POLICIES, RKV, TOVA, InfoKV, Knorm, PyramidKV, SnapKV, StreamingLLM
+from kv_compression.policies import H2O, RKV, TOVA, InfoKV, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kv_compression.policies.base import pool
 from kv_compression.policies.infokv import normalise
 
-from conftest import VOCAB, small_policy, tiny_model
+from conftest import ONLINE, VOCAB, small_policy, tiny_model
 
 T = 40
 
@@ -35,7 +35,7 @@ def ids():
 
 @pytest.fixture(scope="module")
 def obs(llama, ids):
-    return observation(llama, ids, [small_policy(name) for name in POLICIES])
+    return observation(llama, ids, [small_policy(name) for name in ONLINE])
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def eager(llama, ids):
 
 
 def test_every_policy_scores_each_kv_head_of_each_layer(obs):
-    for name in POLICIES:
+    for name in ONLINE:
         policy = small_policy(name)
         for layer in range(len(obs.layers)):
             scores = policy.score(obs, layer)
@@ -291,3 +291,42 @@ def test_one_offline_observation_serves_every_policy(llama, ids):
     for policy in policies:  # the shared pass scores exactly as each policy's own
         own = observe(llama, ids, policy.reads())
         assert all(torch.equal(policy.score(shared, layer), policy.score(own, layer)) for layer in range(4))
+
+
+def test_oracle_keeps_the_tokens_whose_eviction_costs_most(llama, ids):
+    from forward_influence.eviction import EvictionSpec
+    from forward_influence.influence import clean_run, evict
+    from kv_compression.policies import Oracle
+
+    t = 29
+    oracle = Oracle(distance=8)
+    obs = observation(llama, ids[: t + 1], [oracle], future=ids[t + 1 :].tolist())
+    clean = clean_run(llama, ids[: t + 9], hidden=False)
+    for j in (3, 17):  # each token evicted alone at t, the mean KL over the next 8 positions
+        kl = evict(llama, clean, [EvictionSpec((j,), t)], 8, hidden=False).kl[0]
+        assert obs.influence[0, j].item() == pytest.approx(kl.mean(), rel=1e-4)
+    kept = kept_indices(oracle, obs, Budget.parse("5"))[0][0, 0]
+    assert set(kept.tolist()) == set(obs.influence[0].topk(5).indices.tolist())
+    with pytest.raises(InputError, match="needs the tokens that follow"):
+        observation(llama, ids, [oracle])
+
+
+def test_learned_scores_the_ranked_signals_with_its_bands_weights(obs):
+    from kv_compression.policies import Learned
+    from kv_compression.policies.learned import SIGNALS, ranked, signals
+
+    weights = torch.zeros(2, len(SIGNALS))
+    weights[0, SIGNALS.index("attention_cumulative")] = 1.0  # band 1 (layers 0-1): H2O's rank
+    weights[1, SIGNALS.index("key_norm")] = -1.0  # band 2 (layers 2-3): Knorm's rank
+    policy = Learned(bands=2, weights=tuple(weights.flatten().tolist()), intercept=0.5, window=4, recent=4)
+    values = ranked(signals(obs, 1, 4))
+    assert torch.allclose(policy.score(obs, 1)[..., :-4], 0.5 + values[..., :-4, 1])
+    assert torch.equal(
+        policy.score(obs, 1).argsort(dim=-1)[..., :-4].sort().values, torch.arange(T - 4).expand(1, 2, -1)
+    )  # a rank per token
+    assert torch.isinf(policy.score(obs, 3)[..., -4:]).all()
+    h2o = H2O(recent=4).score(obs, 1)[..., :-4]
+    assert torch.equal(policy.score(obs, 1)[..., :-4].argsort(dim=-1), h2o.argsort(dim=-1))
+    assert torch.equal(policy.score(obs, 3)[..., :-4].argsort(dim=-1), Knorm().score(obs, 3)[..., :-4].argsort(dim=-1))
+    with pytest.raises(InputError, match="3 weights for 1 band"):
+        Learned(weights=(1.0, 2.0, 3.0))

@@ -11,7 +11,7 @@ from forward_influence.logits import logits_of
 from forward_influence.observation import observe
 from forward_influence.tracer import Tracer, expand_cache
 from kv_compression.budget import Budget, kept_indices
-from kv_compression.policies import H2O, POLICIES, RPC, ExpectedAttention, InfoKV, SnapKV
+from kv_compression.policies import H2O, RPC, ExpectedAttention, InfoKV, SnapKV
 from kv_compression.runtime import (
     CompressedCache,
     compressing,
@@ -21,7 +21,7 @@ from kv_compression.runtime import (
     teacher_forced,
 )
 
-from conftest import VOCAB, small_policy, tiny_model
+from conftest import ONLINE, VOCAB, small_policy, tiny_model
 
 
 def _prompt(n=30, seed=0):
@@ -39,7 +39,7 @@ def masked_replay(tracer: Tracer, ids: torch.Tensor, specs, prompt_length: int) 
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", ONLINE)
 def test_generation_with_eviction_equals_masked_simulation(kind, name):
     loaded = tiny_model(kind)
     prompt = _prompt()
@@ -102,6 +102,7 @@ def test_eviction_changes_the_generation_so_the_equality_is_not_vacuous():
         InfoKV(window=4),
         InfoKV(window=4, evolution="logit_lens", top_k=5),
         InfoKV(window=4, evolution="across_layers", combination="rank"),
+        small_policy("learned"),
         ExpectedAttention(window=8),
         RPC(window=4),
     ],
@@ -237,3 +238,10 @@ def test_greedy_continuation_after_teacher_forcing_equals_decoding_one_token_at_
             ).logits[0, -1]
     assert tokens[0] == int(logits_of(loaded.model, states[-1]).argmax())
     assert tokens == expected[:8] and len(step.compressions) == len(cache.compressions) >= 3
+
+
+def test_the_runtime_refuses_a_policy_that_reads_the_future():
+    from kv_compression.policies import Oracle
+
+    with pytest.raises(InputError, match="policy 'oracle' scores from a measured trace only"):
+        generate(tiny_model("llama").model, _prompt(), Oracle(), Budget.parse("12"))

@@ -7,6 +7,8 @@ from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .infokv import InfoKV
 from .knorm import Knorm
+from .learned import Learned
+from .oracle import Oracle
 from .pyramidkv import PyramidKV
 from .random_scores import Random
 from .rkv import RKV
@@ -31,6 +33,8 @@ POLICIES: dict[str, type[Policy]] = {
         Entropy,
         Evolution,
         InfoKV,
+        Learned,
+        Oracle,
     )
 }
 

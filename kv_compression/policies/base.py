@@ -69,6 +69,20 @@ def pool(
     return out[..., : shape[-1]].reshape(shape)
 
 
+def normalise(x: torch.Tensor, how: Literal["zscore", "rank"]) -> torch.Tensor:
+    """Per row (layer, KV head) over tokens: ``zscore`` or ``rank`` (scaled to [0, 1]); +inf ignored."""
+    finite = torch.isfinite(x)
+    values = torch.where(finite, x, torch.nan)
+    if how == "zscore":
+        mean = values.nanmean(dim=-1, keepdim=True)
+        std = ((values - mean) ** 2).nanmean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+        out = (values - mean) / std
+    else:
+        ranks = torch.nan_to_num(values, nan=float("inf")).argsort(dim=-1).argsort(dim=-1).float()
+        out = ranks / (finite.sum(dim=-1, keepdim=True) - 1).clamp_min(1)
+    return torch.where(finite, out, x)
+
+
 def check_fields(policy: object) -> None:
     """Raise `InputError` for a field value outside its declared type: a `Literal` option not among
     its choices, a bool that is not one, a `Count` below 1, a negative integer or a non-finite number."""

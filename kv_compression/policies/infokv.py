@@ -9,26 +9,12 @@ from forward_influence.defaults import WINDOW
 from forward_influence.errors import InputError
 from forward_influence.observation import Observation, Reads
 
-from .base import Count, Policy, protect
+from .base import Count, Policy, normalise, protect
 from .entropy import Alignment
 from .snapkv import window_attention
 
 Combination = Literal["softmax", "zscore", "rank"]
 EvolutionMeasure = Literal["to_final", "across_layers", "logit_lens", "none"]
-
-
-def normalise(x: torch.Tensor, how: Literal["zscore", "rank"]) -> torch.Tensor:
-    """Per row (layer, KV head) over tokens: ``zscore`` or ``rank`` (scaled to [0, 1]); +inf ignored."""
-    finite = torch.isfinite(x)
-    values = torch.where(finite, x, torch.nan)
-    if how == "zscore":
-        mean = values.nanmean(dim=-1, keepdim=True)
-        std = ((values - mean) ** 2).nanmean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
-        out = (values - mean) / std
-    else:
-        ranks = torch.nan_to_num(values, nan=float("inf")).argsort(dim=-1).argsort(dim=-1).float()
-        out = ranks / (finite.sum(dim=-1, keepdim=True) - 1).clamp_min(1)
-    return torch.where(finite, out, x)
 
 
 @dataclass

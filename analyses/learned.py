@@ -1,0 +1,291 @@
+"""The learned policy: a transparent score fitted to measured Forward Influence, and how well it ranks.
+
+Data. On each document (a `PREFIX`-token segment of the calibration essays for training, of the
+evaluation essays for evaluation) every token of the prefix is evicted alone at the compression time
+t = PREFIX - 1 and its far Forward Influence measured: ``fi_far``, the mean KL over distances 33-64
+(`forward_influence.scan.scan_at`; cached per document under ``<out>/cache/<model>/scans/``, so a run
+resumes). The online signals of every token, layer and KV head come from one offline observation
+(`kv_compression.policies.learned.signals`), ranked among the layer's tokens.
+
+Training (`train`, ``forward-influence learn``): ridge regressions (scikit-learn) of each token's rank
+of ``fi_far`` within its document on its signals' ranks, one sample per token, full-attention layer
+and KV head, the newest `WINDOW` tokens left out (the policy keeps them). One weight vector for every
+layer or one per band of layers, and the ridge penalty, are chosen by leave-one-document-out
+Spearman correlation of the token score (the mean of its layers' and heads' scores) with ``fi_far``,
+reported beside H2O's, SnapKV's and the published InfoKV's on the same held-out documents. The
+weights, the choice and every cross-validated number go to ``learned/<model>.json``.
+
+Evaluation (`ranking`): the same Spearman correlation on evaluation documents for the learned policy,
+H2O, SnapKV, InfoKV (published and calibrated) and Expected Attention, per document and paired
+against the learned one; `plot_weights` draws which signals matter in which band of layers.
+
+    forward-influence learn --model smollm2-135m-instruct --docs 8
+    python -m analyses.learned --model smollm2-135m-instruct --docs 16 --out data/results/smollm2-135m-instruct/learned
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib import pyplot as plt
+from scipy import stats
+from sklearn.linear_model import Ridge
+from tqdm.auto import tqdm
+
+from forward_influence.defaults import FAR_FROM, WINDOW
+from forward_influence.influence import clean_run
+from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.outputs import atomic_open, write_table
+from forward_influence.scan import scan_at
+from forward_influence.stats import group_ci
+from forward_influence.tracer import Tracer
+from forward_influence.traces import Trace
+from kv_compression.budget import layer_scores
+from kv_compression.names import parse
+from kv_compression.offline import observation
+from kv_compression.policies import Learned
+from kv_compression.policies.learned import SIGNALS, band, ranked, signals
+
+from . import cache
+from .documents import cache_folder, essay_segments
+from .plotting import save_figure, theme
+
+PREFIX, DISTANCE = 1024, 64
+BANDS = (1, 3)
+ALPHAS = (0.1, 1.0, 10.0)
+RANKED = ("learned", "h2o", "snapkv", "infokv", "infokv-calibrated", "expected-attention")
+
+
+def influence_scan(
+    tracer: Tracer, ids: Sequence[int], folder: Path | None, prefix: int = PREFIX, distance: int = DISTANCE
+) -> pd.DataFrame:
+    """KL ``kl_1 .. kl_D`` of each prefix token evicted alone at t = prefix - 1, one row per position."""
+    ids = list(ids[: prefix + distance])
+    key = dict(model=tracer.name, time=prefix - 1, distance=distance, tokens=ids)
+
+    def compute() -> pd.DataFrame:
+        kl = scan_at(tracer, clean_run(tracer, ids, hidden=False), prefix - 1, range(prefix), distance).kl
+        frame = pd.DataFrame(kl.astype(np.float64), columns=[f"kl_{d}" for d in range(1, distance + 1)])
+        frame.insert(0, "position", np.arange(prefix))
+        return frame
+
+    return cache.cached(folder, key, compute)
+
+
+def far_influence(scan: pd.DataFrame) -> np.ndarray:
+    """``fi_far`` of each position: the mean KL over the distances from FAR_FROM on."""
+    return scan[[c for c in scan.columns if c.startswith("kl_") and int(c[3:]) >= FAR_FROM]].mean(axis=1).to_numpy()
+
+
+def document_rows(
+    tracer: Tracer, trace: Trace, folder: Path | None, prefix: int = PREFIX, distance: int = DISTANCE
+) -> pd.DataFrame:
+    """Per token, full-attention layer and KV head of one document: its ranked signals and the token's
+    ``fi_far`` and its rank in the document (the newest WINDOW tokens left out)."""
+    path = None if folder is None else folder / cache.file_name(trace.id)
+    target = far_influence(influence_scan(tracer, trace.token_ids, path, prefix, distance))
+    obs = observation(tracer, trace.token_ids[:prefix], [Learned()])
+    frames = []
+    for layer, view in enumerate(obs.layers):
+        if view.sliding_window is not None:
+            continue
+        values = ranked(signals(obs, layer))[0]  # [kv_heads, tokens, signals]
+        heads, tokens = values.shape[:2]
+        frame = pd.DataFrame(values.reshape(-1, len(SIGNALS)).numpy(), columns=list(SIGNALS))
+        frame.insert(0, "position", np.tile(np.arange(tokens), heads))
+        frame.insert(0, "head", np.repeat(np.arange(heads), tokens))
+        frame.insert(0, "layer", layer)
+        frames.append(frame)
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows[rows.position < prefix - WINDOW]
+    rank = stats.rankdata(target[: prefix - WINDOW]) - 1
+    rows = rows.assign(fi_far=target[rows.position], target=rank[rows.position] / (len(rank) - 1))
+    return rows.assign(document=trace.id, layers=len(obs.layers))
+
+
+def design(rows: pd.DataFrame, bands: int) -> np.ndarray:
+    """The signals placed in their band's block: ``[rows, bands * signals]``."""
+    x = rows[list(SIGNALS)].to_numpy()
+    which = np.array([band(layer, int(rows.layers.iloc[0]), bands) for layer in rows.layer])
+    out = np.zeros((len(rows), bands * len(SIGNALS)), dtype=np.float32)
+    for b in range(bands):
+        out[which == b, b * len(SIGNALS) : (b + 1) * len(SIGNALS)] = x[which == b]
+    return out
+
+
+def token_spearman(rows: pd.DataFrame, score: np.ndarray) -> float:
+    """Spearman correlation of the token score (mean over layers and heads) with ``fi_far``."""
+    table = rows.assign(score=score).groupby("position").agg(score=("score", "mean"), fi_far=("fi_far", "first"))
+    return float(stats.spearmanr(table.score, table.fi_far).statistic)
+
+
+def cross_validate(rows: pd.DataFrame) -> pd.DataFrame:
+    """Leave-one-document-out Spearman of every (bands, alpha) and of the attention signals."""
+    results = []
+    for held in rows.document.unique():
+        train, test = rows[rows.document != held], rows[rows.document == held]
+        for bands, alpha in itertools.product(BANDS, ALPHAS):
+            model = Ridge(alpha=alpha).fit(design(train, bands), train.target)
+            results.append(
+                dict(
+                    document=held,
+                    model=f"bands={bands},alpha={alpha}",
+                    bands=bands,
+                    alpha=alpha,
+                    spearman=token_spearman(test, model.predict(design(test, bands))),
+                )
+            )
+        for name in ("attention_cumulative", "attention_window"):
+            results.append(dict(document=held, model=name, spearman=token_spearman(test, test[name].to_numpy())))
+    return pd.DataFrame(results)
+
+
+def train(
+    loaded: LoadedModel,
+    docs: int,
+    out: Path,
+    cache_root: Path | None = None,
+    progress: bool = True,
+    documents: Sequence[Trace] | None = None,
+    prefix: int = PREFIX,
+    distance: int = DISTANCE,
+) -> dict:
+    """Fit the learned policy on `docs` calibration documents (or the given `documents`); write and
+    return its JSON content."""
+    tracer = Tracer(loaded)
+    folder = None if cache_root is None else cache_folder(cache_root, loaded.name) / "scans" / "calibration"
+    documents = documents or essay_segments(loaded.tokenizer, docs, prefix + distance, split="calibration")
+    rows = pd.concat(
+        [
+            document_rows(tracer, d, folder, prefix, distance)
+            for d in tqdm(documents, desc="learn", disable=not progress)
+        ],
+        ignore_index=True,
+    )
+    scores = cross_validate(rows)
+    means = scores.groupby("model", sort=False).spearman.mean()
+    fitted = scores.dropna(subset=["bands"]).groupby(["bands", "alpha"]).spearman.mean()
+    bands, alpha = fitted.idxmax()
+    model = Ridge(alpha=alpha).fit(design(rows, int(bands)), rows.target)
+    content = dict(
+        model=loaded.name,
+        features=list(SIGNALS),
+        bands=int(bands),
+        alpha=float(alpha),
+        weights=[float(w) for w in model.coef_],
+        intercept=float(model.intercept_),
+        target=f"rank of fi_far (mean KL over distances {FAR_FROM}-{distance}, each token evicted alone at "
+        f"t = {prefix - 1}) within its document",
+        documents=[d.id for d in documents],
+        cross_validation={name: float(value) for name, value in means.items()},
+    )
+    with atomic_open(out) as f:
+        json.dump(content, f, indent=1)
+    return content
+
+
+def ranking(
+    loaded: LoadedModel, docs: int, out: Path, policies: Sequence[str] = RANKED, progress: bool = True
+) -> dict[str, pd.DataFrame]:
+    """Spearman of each policy's token score with ``fi_far`` on evaluation documents, per document,
+    summarised, and paired against the learned policy (``learned_spearman*.csv``)."""
+    tracer = Tracer(loaded)
+    built = {name: parse(name, loaded.name, quiet=True) for name in policies}
+    folder = cache_folder(out, loaded.name) / "scans" / "evaluation"
+    rows = []
+    for trace in tqdm(essay_segments(loaded.tokenizer, docs, PREFIX + 256), desc="ranking", disable=not progress):
+        target = far_influence(influence_scan(tracer, trace.token_ids, folder / cache.file_name(trace.id)))
+        ids = trace.token_ids[:PREFIX]
+        obs = observation(tracer, ids, list(built.values()))
+        for name, policy in built.items():
+            scores = torch.stack([s[0] for s in layer_scores(policy, obs) if s is not None]).float()
+            token = torch.where(torch.isfinite(scores), scores, torch.nan).nanmean(dim=(0, 1)).numpy()
+            keep = np.isfinite(token) & np.isfinite(target)
+            rows.append(
+                dict(
+                    document=trace.id, policy=name, spearman=float(stats.spearmanr(token[keep], target[keep]).statistic)
+                )
+            )
+    frame = pd.DataFrame(rows)
+    summary = group_ci(frame, ["policy"], ["spearman"]).rename(columns={"n": "n_documents"})
+    wide = frame.pivot(index="document", columns="policy", values="spearman")
+    paired = group_ci(
+        pd.concat(
+            [
+                pd.DataFrame({"against": other, "difference": wide["learned"] - wide[other]})
+                for other in wide
+                if other != "learned"
+            ]
+        ),
+        ["against"],
+        ["difference"],
+    ).rename(columns={"n": "n_documents"})
+    for name, table in (
+        ("learned_spearman_per_document", frame),
+        ("learned_spearman", summary),
+        ("learned_spearman_paired", paired),
+    ):
+        write_table(table, out / f"{name}.csv")
+    return dict(per_document=frame, summary=summary, paired=paired)
+
+
+def plot_weights(content: dict, path: Path) -> list[Path]:
+    """The learned weights as a heatmap: one row per band of layers, one column per signal."""
+    theme()
+    weights = np.array(content["weights"]).reshape(content["bands"], len(content["features"]))
+    names = (
+        ["all layers"]
+        if content["bands"] == 1
+        else [f"band {b + 1} of {content['bands']}" for b in range(content["bands"])]
+    )
+    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.6 * content["bands"]), layout="constrained")
+    limit = float(np.abs(weights).max()) or 1.0
+    sns.heatmap(
+        pd.DataFrame(weights, index=names, columns=content["features"]),
+        annot=True,
+        fmt=".2f",
+        cmap="vlag",
+        vmin=-limit,
+        vmax=limit,
+        ax=ax,
+        cbar_kws=dict(label="weight on the signal's rank"),
+    )
+    cv = content["cross_validation"]
+    chosen = f"bands={content['bands']},alpha={content['alpha']}"
+    ax.set_title(
+        f"{content['model']}: learned weights ({len(content['documents'])} calibration documents); "
+        f"held-out Spearman with fi_far {cv[chosen]:.2f} (H2O's {cv['attention_cumulative']:.2f})",
+        fontsize=10,
+    )
+    ax.tick_params(axis="x", rotation=40)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--docs", type=int, default=16, help="evaluation documents (default 16)")
+    parser.add_argument("--out", type=Path, default=Path("runs/learned"))
+    args = parser.parse_args(argv)
+    from kv_compression.tuned import read
+
+    loaded = load_model(args.model)
+    tables = ranking(loaded, args.docs, args.out)
+    found = read(loaded.name, "learned")
+    if found is not None:
+        plot_weights(found[0], args.out / "learned_weights")
+    print(tables["summary"].to_string(index=False, float_format="{:.3f}".format))
+    print(tables["paired"].to_string(index=False, float_format="{:.3f}".format))
+    print(args.out / "learned_spearman.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from forward_influence.observation import Observation, Reads
+
+from .base import Count, Policy
+
+
+@dataclass
+class Oracle(Policy):
+    """Keep the tokens whose measured Forward Influence is largest: the bound of per-token scoring.
+
+    Each token is evicted alone at the compression time (`forward_influence.scan.scan_at`) and its
+    Forward Influence is the mean KL(full || evicted) of the next `distance` positions of the trace
+    (so the oracle reads the future: a measurement, never a compressor). Keeping the top tokens by
+    this score is the best a score of each token alone can do on that measure; it is not a bound for
+    sets, since tokens interact (evicting two may cost more or less than the sum of their costs:
+    `analyses.headroom` measures by how much). No token is protected. Offline only: the runtime
+    refuses it. Scores: [batch, kv_heads, tokens]; higher means keep.
+    """
+
+    name = "oracle"
+    online = False
+    distance: Count = 64
+
+    def reads(self) -> Reads:
+        return Reads(influence=self.distance)
+
+    def score(self, obs: Observation, layer: int) -> torch.Tensor:
+        return obs.per_token(layer, obs.influence.to(obs.layers[layer].keys.device))

@@ -1,0 +1,52 @@
+"""The learned policy: fitted to measured far influence, read back by its CLI name, ranked on documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from analyses import learned
+from forward_influence.traces import Trace
+from kv_compression.names import parse
+from kv_compression.policies.learned import SIGNALS
+
+from conftest import VOCAB, tiny_model
+
+
+@pytest.fixture(scope="module")
+def documents():
+    g = torch.Generator().manual_seed(0)
+    return [Trace(f"d{i}", torch.randint(0, VOCAB, (140,), generator=g).tolist()) for i in range(3)]
+
+
+def test_rows_pair_each_tokens_ranked_signals_with_its_far_influence(documents, tmp_path):
+    tracer = learned.Tracer(tiny_model("llama"))
+    rows = learned.document_rows(tracer, documents[0], tmp_path, prefix=100, distance=40)
+    assert len(rows) == 4 * 2 * (100 - learned.WINDOW) and set(SIGNALS) <= set(rows.columns)
+    assert rows[list(SIGNALS)].min().min() >= 0 and rows[list(SIGNALS)].max().max() <= 1
+    scan = learned.influence_scan(tracer, documents[0].token_ids, tmp_path / "essay_d0.parquet", 100, 40)
+    far = scan[[f"kl_{d}" for d in range(33, 41)]].mean(axis=1).to_numpy()  # fi_far: distances 33-40 here
+    token = rows.groupby("position").first()
+    assert np.allclose(token.fi_far, far[: 100 - learned.WINDOW])
+    assert np.allclose(token.target, (stats.rankdata(far[: 100 - learned.WINDOW]) - 1) / (100 - learned.WINDOW - 1))
+
+
+def test_training_writes_weights_the_cli_name_reads(documents, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARD_INFLUENCE_HOME", str(tmp_path))
+    out = tmp_path / "learned" / "tiny-llama.json"
+    content = learned.train(tiny_model("llama"), 3, out, tmp_path, False, documents, prefix=100, distance=40)
+    assert json.loads(out.read_text()) == content and content["features"] == list(SIGNALS)
+    assert content["bands"] in learned.BANDS and len(content["weights"]) == content["bands"] * len(SIGNALS)
+    chosen = f"bands={content['bands']},alpha={content['alpha']}"
+    assert content["cross_validation"][chosen] == max(
+        v for k, v in content["cross_validation"].items() if k.startswith("bands=")
+    )
+    assert {"attention_cumulative", "attention_window"} <= set(content["cross_validation"])
+    policy = parse("learned", "tiny-llama", quiet=True)
+    assert policy.weights == tuple(content["weights"]) and policy.bands == content["bands"]
+    scans = list((tmp_path / "cache" / "tiny-llama" / "scans" / "calibration").glob("*.parquet"))
+    assert len(scans) == 3  # one cached measurement per document: a rerun resumes
