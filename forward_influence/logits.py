@@ -8,6 +8,7 @@ whatever the trace length. Entropies and divergences are in nats.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -104,18 +105,55 @@ def references(
     return References(final, next_ids, cat(next_logp), cat(neg_entropy), cat(mean_embedding), cat(bias_term), cat(top1))
 
 
+CANDIDATE_MARGIN = 64
+_ROUGH_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rough_weight(head: torch.nn.Linear) -> torch.Tensor:
+    """A bfloat16 copy of the head's weight, made once per head (and again if the weight changes)."""
+    stored = _ROUGH_WEIGHTS.get(head)
+    if stored is None or stored[0] != (head.weight.data_ptr(), head.weight._version):
+        stored = ((head.weight.data_ptr(), head.weight._version), head.weight.detach().to(torch.bfloat16))
+        _ROUGH_WEIGHTS[head] = stored
+    return stored[1]
+
+
+def _top_logits(model: PreTrainedModel, final: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k` largest logits of each row of `final` ``[rows, hidden]``, sorted descending, float32.
+
+    With an affine head the search runs in bfloat16 (several times faster than float32 on CPUs with
+    bf16 units and on GPUs): it finds the ``k + CANDIDATE_MARGIN`` most likely tokens of each row,
+    whose logits are then computed again exactly in float32, and the top k are taken from those. The
+    result equals the float32 computation unless a true top-k token lies outside the candidates,
+    which needs a bfloat16 error larger than the logit gap across the margin; then a near-tie at rank
+    k is swapped, which moves the restricted entropy by far less than its float32 rounding (tested
+    against the exact path). Other heads (soft-capping) take the float32 path.
+    """
+    head = _linear_head(model)
+    vocabulary = head.weight.shape[0] if head is not None else None
+    if head is None or k + CANDIDATE_MARGIN >= vocabulary:
+        logits = logits_of(model, final)
+        return logits.topk(min(k, logits.shape[-1]), dim=-1, sorted=True).values
+    rough = final.to(torch.bfloat16) @ _rough_weight(head).T
+    candidates = rough.topk(k + CANDIDATE_MARGIN, dim=-1).indices  # [rows, k + margin]
+    columns, where = candidates.unique(return_inverse=True)
+    exact = final.float() @ head.weight[columns].float().T  # [rows, distinct candidates]
+    if head.bias is not None:
+        exact = exact + head.bias[columns].float()
+    return exact.gather(-1, where).topk(k, dim=-1, sorted=True).values
+
+
 def topk_entropies(
     model: PreTrainedModel, final: torch.Tensor, ks: Iterable[int], chunk: int = DEFAULT_CHUNK
 ) -> dict[int, torch.Tensor]:
-    """Top-k entropy ``[tokens]`` for each k of `ks`, from one pass over the logits: only the largest
-    k logits are normalised (no full-vocabulary softmax, which the prefill of a compressed generation
-    would pay for), and every smaller k reads the sorted top of the largest. A k beyond the vocabulary
-    takes the whole vocabulary."""
+    """Top-k entropy ``[tokens]`` for each k of `ks`: only the largest k logits are normalised (no
+    full-vocabulary softmax), found a chunk of positions at a time (`_top_logits`), and every smaller
+    k reads the sorted top of the largest. A k beyond the vocabulary takes the whole vocabulary. The
+    prefill of a compressed generation pays for this one, so it is the fast path."""
     ks = sorted(set(ks))
     out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for start in range(0, final.shape[0], chunk):
-        logits = logits_of(model, final[start : start + chunk])
-        top = logits.topk(min(ks[-1], logits.shape[-1]), dim=-1, sorted=True).values
+        top = _top_logits(model, final[start : start + chunk], ks[-1])
         for k in ks:
             out[k].append(_restricted_entropy(top[..., :k]))
     return {k: torch.cat(parts) for k, parts in out.items()}

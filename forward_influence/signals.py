@@ -25,6 +25,7 @@ The rules shared with the observations of `forward_influence.observation` live h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,11 +59,13 @@ def representation_change(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> 
     return 1.0 - torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
 
 
-def distance_to_final(outputs: torch.Tensor) -> torch.Tensor:
+def distance_to_final(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """InfoKV's representation evolution D: the cosine distance between each token's residual stream
-    after layer l and after the last layer, ``1 - cos(h_l, h_L)``. `outputs` is ``[layers, ..., tokens,
-    hidden]`` (the stream after each layer); returns ``[layers, ..., tokens]`` (0 at the last layer)."""
-    return representation_change(outputs, outputs[-1:].expand_as(outputs))
+    after layer l and after the last layer, ``1 - cos(h_l, h_L)``. `outputs` holds the stream after each
+    layer, ``[layers, ..., tokens, hidden]`` (a stacked tensor or a sequence of per-layer tensors);
+    returns ``[layers, ..., tokens]`` (0 at the last layer)."""
+    last = torch.nn.functional.normalize(outputs[-1].float(), dim=-1)
+    return torch.stack([1.0 - (torch.nn.functional.normalize(h.float(), dim=-1) * last).sum(-1) for h in outputs])
 
 
 @dataclass

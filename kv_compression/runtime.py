@@ -195,7 +195,7 @@ class CompressedCache(DynamicCache):
         if self.reads.final_distance:
             self._outputs.append(hidden_out)
             if layer == self.num_layers - 1:  # the stream after the last layer is known: D of every layer
-                self._final_distance.append(distance_to_final(torch.stack(self._outputs)).transpose(0, 1))
+                self._final_distance.append(distance_to_final(self._outputs).transpose(0, 1))
                 self._outputs = []
 
     def record_final(self, final: torch.Tensor) -> None:

@@ -98,3 +98,15 @@ def test_selection_takes_the_top_fraction_after_the_sinks():
         select_top(scores, 1.0, time=9)
     with pytest.raises(InputError, match="unknown selection"):
         canonical("loudness")
+
+
+def test_fast_top_k_entropies_equal_the_float32_computation(llama):
+    from forward_influence.logits import CANDIDATE_MARGIN, topk_entropies
+
+    final = llama.run(_ids(64)[None]).final[0]
+    logits = logits_of(llama.model, final)
+    assert 10 + CANDIDATE_MARGIN < logits.shape[-1]  # k = 10 takes the bfloat16 candidate search
+    fast = topk_entropies(llama.model, final, (3, 10, 200))
+    for k in (3, 10, 200):  # 200 exceeds the vocabulary: the whole distribution
+        top = torch.log_softmax(logits.topk(min(k, logits.shape[-1]), -1).values, -1)
+        assert torch.allclose(fast[k], -(top.exp() * top).sum(-1), atol=1e-6), k
