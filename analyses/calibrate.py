@@ -31,7 +31,8 @@ from forward_influence.tracer import Tracer
 from kv_compression.policies import InfoKV
 from kv_compression.tuned import file_name, user_folder
 
-from .tasks.fidelity import fidelity_rows, long_essays
+from .documents import essay_segments
+from .tasks.fidelity import fidelity_rows
 
 TOP_K, ALPHA, TAU = (10, 64, 256), (0.8, 0.9, 0.95), (0.5, 1.0, 2.0)
 COMBINATIONS = ("softmax", "zscore", "rank")
@@ -81,7 +82,8 @@ def calibrate(
     tracer = Tracer(loaded)
     policies = settings_grid() if grid is None else grid
     if token_ids is None:
-        token_ids = long_essays(loaded.tokenizer, "calibration", prefix + continuation, docs)
+        segments = essay_segments(loaded.tokenizer, docs, prefix + continuation, split="calibration")
+        token_ids = {trace.id.removeprefix("essay:"): trace.token_ids for trace in segments}
     rows = []
     for name, ids in tqdm(token_ids.items(), desc="calibration essays"):
         rows += fidelity_rows(tracer, name, ids, policies, budgets, prefix, continuation)

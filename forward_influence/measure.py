@@ -53,6 +53,15 @@ class InfluenceSettings:
     batch_size: int = 4
 
 
+def check_time(evict_at: int, sinks: int = SINKS) -> None:
+    """The half of the eviction-time rule that needs no trace: a token to evict after the sinks."""
+    if evict_at < sinks:
+        raise InputError(
+            f"--evict-at {evict_at} must be at least {sinks}: the first {sinks} positions are "
+            "attention sinks, never evicted (see --sinks)"
+        )
+
+
 def eviction_time(trace: Trace, evict_at: int | None, sinks: int = SINKS) -> int:
     """The eviction time t of a trace: `evict_at`, or the middle of the trace when None.
 
@@ -69,11 +78,7 @@ def eviction_time(trace: Trace, evict_at: int | None, sinks: int = SINKS) -> int
                 "(the sinks) and measure a later one; use a longer trace"
             )
         return t
-    if evict_at < sinks:
-        raise InputError(
-            f"--evict-at {evict_at} must be at least {sinks}: the first {sinks} positions are "
-            "attention sinks, never evicted (see --sinks)"
-        )
+    check_time(evict_at, sinks)
     if evict_at > n - 2:
         raise InputError(f"--evict-at {evict_at} is beyond trace {trace.id!r} ({n} tokens; it must be < {n - 1})")
     return evict_at

@@ -93,7 +93,7 @@ def add(command) -> None:
     p.add_argument(
         "--buckets", type=_edges, default="1,9,33,129,513", help="distance bucket starts (default %(default)s)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random selection (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random selection (default 0)")
     p.add_argument("--per-distance", type=Path, default=None, help="also write the per-distance table to FILE")
     add_out(p)
 
@@ -153,7 +153,16 @@ def influence(args: argparse.Namespace) -> None:
         raise InputError("--select names no selection")
     outputs.check_file(args.out)
     outputs.check_file(args.per_distance, option="--per-distance")
+    options.check_evict_at(args.evict_at, args.sinks)
     tracer, traces = options.tracer_and_traces(args)
+    for option, values, count in (
+        ("--layers", args.layers, tracer.layout.num_layers),
+        ("--heads", args.heads, tracer.layout.num_kv_heads),
+    ):
+        if values is not None and not all(0 <= v < count for v in values):
+            raise InputError(
+                f"{option} must lie in [0, {count - 1}] for {args.model}, got {','.join(map(str, values))}"
+            )
     settings = InfluenceSettings(
         fraction=args.fraction,
         evict_at=args.evict_at,

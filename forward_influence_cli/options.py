@@ -12,8 +12,10 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from forward_influence.defaults import SINKS
 from forward_influence.errors import InputError
-from forward_influence.models import DEFAULT_MODEL, DTYPES, check_device
+from forward_influence.measure import check_time
+from forward_influence.models import DEFAULT_MODEL, DTYPES, check_device, check_source
 from forward_influence.traces import check_spec
 from kv_compression.budget import Budget
 from kv_compression.names import PER_MODEL, parse, policy_names
@@ -85,9 +87,12 @@ def budget_list(text: str) -> list[str]:
 @checked
 def int_list(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in names(text))
+        values = tuple(int(x) for x in names(text))
     except ValueError:
         raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError("expected at least one integer")
+    return values
 
 
 def _check_policy(spec: str) -> str:
@@ -112,6 +117,12 @@ def policy_list(text: str) -> list[str]:
 
 
 @checked
+def model_source(text: str) -> str:
+    check_source(text)
+    return text
+
+
+@checked
 def device(text: str) -> str:
     check_device(text)
     return text
@@ -119,7 +130,10 @@ def device(text: str) -> str:
 
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model name, .gguf path, folder or hub id (default {DEFAULT_MODEL})"
+        "--model",
+        type=model_source,
+        default=DEFAULT_MODEL,
+        help=f"model name, .gguf path, folder or hub id (default {DEFAULT_MODEL})",
     )
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations (default float32)")
     p.add_argument("--device", default="cpu", type=device, help="torch device: cpu, cuda, cuda:N, mps (default cpu)")
@@ -143,6 +157,22 @@ def add_out(p: argparse.ArgumentParser, formats: bool = True) -> None:
 def check_trace(spec: str) -> None:
     """Fail fast, before the model loads, on a trace the tokenizer would never accept."""
     check_spec(spec)
+
+
+def check_evict_at(evict_at: int | None, sinks: int = SINKS) -> None:
+    """The part of the eviction-time rule that needs no trace (`forward_influence.measure.check_time`)."""
+    if evict_at is not None:
+        check_time(evict_at, sinks)
+
+
+def check_new_tokens(prompt: int, new_tokens: int, model) -> None:
+    """Refuse a generation that would run past the model's context."""
+    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if context is not None and prompt + new_tokens > context:
+        raise InputError(
+            f"--max-new-tokens {new_tokens}: the prompt ({prompt} tokens) plus the new tokens exceed the "
+            f"model's context of {context}; pass --max-new-tokens {max(context - prompt, 1)} or fewer"
+        )
 
 
 def loaded_model(args: argparse.Namespace):

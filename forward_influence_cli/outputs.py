@@ -28,11 +28,11 @@ def check_file(path: Path | None, suffixes: tuple[str, ...] = TABLE_SUFFIXES, op
     """Refuse an output file that cannot be written: an unknown extension, a folder, an unwritable place."""
     if path is None:
         return
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; name a file")
     if path.suffix not in suffixes:
         choices = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1 else suffixes)
         raise InputError(f"{option} must end in {choices}, got {path.name!r}")
-    if path.is_dir():
-        raise InputError(f"{option} {path} is a folder; name a file")
     _writable_folder(path.parent if str(path.parent) else Path("."), option)
 
 

@@ -56,6 +56,7 @@ def trace(args: argparse.Namespace) -> None:
     outputs.check_file(args.out, (".jsonl",))
     problems = read_problems(args.problems)[: args.limit]
     loaded = options.loaded_model(args)
+    options.check_new_tokens(0, args.max_new_tokens, loaded.model)
     with atomic_open(args.out) as f:
         for record in generate_traces(loaded, problems, max_new_tokens=args.max_new_tokens):
             f.write(json.dumps(record) + "\n")

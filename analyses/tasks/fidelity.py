@@ -26,30 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forward_influence import corpus
 from forward_influence.defaults import FAR_FROM
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
 from forward_influence.tracer import Tracer
-from forward_influence.traces import read_traces
 from kv_compression.budget import Budget, eviction_specs, kept_indices, layer_scores
 from kv_compression.offline import observation
 from kv_compression.policies import Policy
 
 from ..documents import essay_segments
 from . import Item
-
-
-def long_essays(tokenizer, split: str, tokens: int, n: int) -> dict[str, list[int]]:
-    """The first `n` essays of `split` with at least `tokens` tokens, each cut to its first `tokens`."""
-    essays = {}
-    for name in corpus.essay_names(split):
-        ids = read_traces(f"essay:{name}", tokenizer)[0].token_ids
-        if len(ids) >= tokens:
-            essays[name] = ids[:tokens]
-        if len(essays) == n:
-            break
-    return essays
 
 
 def fidelity_rows(

@@ -1,0 +1,241 @@
+"""Hostile input: every bad value, path or file is one ``error:`` line naming the option or file, exit code 2,
+no traceback, and nothing left behind. Checks that need no model run before it loads (fast); the rest are slow."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+
+from forward_influence_cli.main import main
+
+BAD_BEFORE_LOADING = [
+    # traces
+    (["score", "missing.txt"], "no such trace file: missing.txt"),
+    (["score", "{binary}"], "binary.txt: a binary file"),
+    (["score", "{latin1}"], "latin1.txt: not UTF-8 text"),
+    (["score", "{jsonl}"], "bad.jsonl line 2: malformed JSON"),
+    (["score", "essay:nope"], "no essay matches 'nope'"),
+    (["score", "essay:gap", "--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
+    (["score", "essay:gap", "--max-tokens", "-5"], "--max-tokens: must be at least 1, got -5"),
+    (["score", "essay:gap", "--top-k", "0"], "--top-k: must be at least 1"),
+    (["score", "essay:gap", "--window", "-1"], "--window: must be at least 1"),
+    # outputs
+    (["score", "essay:gap", "--out", "{tmp}/x.xlsx"], "--out must end in .csv, .jsonl or .parquet, got 'x.xlsx'"),
+    (["score", "essay:gap", "--out", "{tmp}"], "is a folder; name a file"),
+    (["score", "essay:gap", "--out", "{file}/x.csv"], "is a file, not a folder"),
+    (["compare", "essay:gap", "--out", "{file}"], "--out {file} is a file; name a folder"),
+    (["eval", "--out", "{file}"], "--out {file} is a file; name a folder"),
+    (["heatmap", "essay:gap", "--out", "{tmp}/x.pdf"], "--out must end in .html or .png, got 'x.pdf'"),
+    (["influence", "essay:gap", "--per-distance", "{tmp}/d.txt"], "--per-distance must end in .csv"),
+    (["trace", "problems.jsonl", "--out", "{tmp}/t.csv"], "--out must end in .jsonl"),
+    # models and devices
+    (["score", "essay:gap", "--device", "cuda"], "--device cuda: no CUDA device is available"),
+    (["score", "essay:gap", "--device", "tpu9"], "--device: unknown device 'tpu9'"),
+    (["score", "essay:gap", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["score", "essay:gap", "--model", "{tmp}"], "the folder holds no model (no config.json"),
+    (["score", "essay:gap", "--model", "{file}"], "a model file must be a .gguf file"),
+    # budgets and policies
+    (["generate", "hi", "--policy", "snapkv", "--budget", "0"], "budget must be positive, got 0"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "-3"], "budget must be positive"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "1.5"], "a budget ratio must lie in (0, 1]"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "nan"], "budget must be positive, got nan"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "inf"], "budget must be positive, got inf"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "prompt+2"], "the ratio of prompt+RATIO must lie in (0, 1]"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "lots"], "budget must be a ratio in (0, 1]"),
+    (["generate", "hi", "--policy", "oracle", "--budget", "0.5"], "--policy oracle scores from a measured trace only"),
+    (
+        ["generate", "hi", "--policy", "snapkv:window=0", "--budget", "0.5"],
+        "snapkv: window must be an integer of at least 1",
+    ),
+    (
+        ["generate", "hi", "--policy", "snapkv:loud=1", "--budget", "0.5"],
+        "'loud=1' is not FIELD=VALUE with a field of snapkv",
+    ),
+    (["generate", "hi", "--policy", "infokv:alpha=2", "--budget", "0.5"], "infokv: alpha must lie in [0, 1], got 2.0"),
+    (["generate", "hi", "--policy", "snapkv:group=maxx", "--budget", "0.5"], "snapkv: group must be one of mean, max"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "0.5", "--max-new-tokens", "0"], "--max-new-tokens: must be"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "0.5", "--buffer", "-1"], "--buffer: must be at least 0"),
+    (["generate", "hi", "--policy", "snapkv", "--budget", "0.5", "--seed", "-1"], "--seed: must be at least 0"),
+    (["score", "essay:gap", "--policy", "snapkv", "--head-floor", "1.5"], "--head-floor must lie in [0, 1], got 1.5"),
+    (["score", "essay:gap", "--policy", "snapkv", "--head-floor", "nan"], "--head-floor must lie in [0, 1]"),
+    # measurement settings
+    (["influence", "essay:gap", "--fraction", "0"], "fraction must lie in (0, 1), got 0"),
+    (["influence", "essay:gap", "--fraction", "nan"], "fraction must lie in (0, 1)"),
+    (["influence", "essay:gap", "--evict-at", "0"], "--evict-at 0 must be at least 4"),
+    (["influence", "essay:gap", "--evict-at", "-5"], "--evict-at -5 must be at least 4"),
+    (["influence", "essay:gap", "--evict-at", "2", "--sinks", "3"], "--evict-at 2 must be at least 3"),
+    (["influence", "essay:gap", "--max-distance", "0"], "--max-distance: must be at least 1"),
+    (["influence", "essay:gap", "--sinks", "-1"], "--sinks: must be at least 0"),
+    (["influence", "essay:gap", "--buckets", "0,5"], "bucket edges must be increasing integers"),
+    (["influence", "essay:gap", "--layers", ","], "--layers: expected at least one integer"),
+    (["influence", "essay:gap", "--heads", "a"], "--heads: expected comma-separated integers"),
+    (["influence", "essay:gap", "--seed", "-2"], "--seed: must be at least 0"),
+    (["scan", "essay:gap", "--start", "-1", "--end", "5"], "--start: must be at least 0"),
+    (["scan", "essay:gap", "--start", "5", "--end", "5"], "--start 5 must be smaller than --end 5"),
+    (["scan", "essay:gap", "--start", "1", "--end", "5", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["compare", "essay:gap", "--evict-at", "1"], "--evict-at 1 must be at least 4"),
+    (["compare", "essay:gap", "--budget", "0"], "budget must be positive"),
+    (["heatmap", "essay:gap", "--signal", "loudness", "--out", "{tmp}/h.html"], "unknown signal 'loudness'"),
+    (["demo", "--evict-at", "0"], "--evict-at 0 must be at least 4"),
+    (["demo", "--evict-at", "5000"], "--evict-at 5000 is beyond trace"),
+    (["demo", "--docs", "0"], "--docs: must be at least 1"),
+    (["demo", "--fraction", "1"], "fraction must lie in (0, 1), got 1"),
+    (["eval", "--docs", "0"], "--docs: must be at least 1"),
+    (["eval", "--task", "needles"], "unknown task needles"),
+    (["eval", "--budgets", ","], "--budgets: no budget given"),
+    (["eval", "--budgets", "0.5,-1"], "budget must be positive, got -1"),
+    (["eval", "--policies", "snapkv,magic"], "unknown policy magic"),
+    (["eval", "--buffer", "-4"], "--buffer: must be at least 0"),
+    (["calibrate", "--docs", "-1"], "--docs: must be at least 1"),
+    (["learn", "--docs", "0"], "--docs: must be at least 1"),
+    (["verify", "--max-tokens", "0"], "--max-tokens: must be at least 1"),
+    (["trace", "missing.jsonl", "--out", "{tmp}/t.jsonl", "--limit", "0"], "--limit: must be at least 1"),
+]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A folder of hostile files, and what it held before the command ran."""
+    (tmp_path / "binary.txt").write_bytes(b"text\x00\x01\x02")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "fine"}\n{"id": oops}\n')
+    (tmp_path / "plain.txt").write_text("a file, not a folder")
+    return tmp_path
+
+
+def _argv(argv: list[str], tmp_path) -> list[str]:
+    names = dict(
+        tmp=str(tmp_path),
+        file=str(tmp_path / "plain.txt"),
+        binary=str(tmp_path / "binary.txt"),
+        latin1=str(tmp_path / "latin1.txt"),
+        jsonl=str(tmp_path / "bad.jsonl"),
+    )
+    return [a.format(**names) for a in argv]
+
+
+def _one_error(capsys, argv, message, tmp_path, loaded: bool = False) -> str:
+    """Run the command; check the one error line (the last of stderr once a model has loaded, after its
+    progress bars) and that the folder is unchanged."""
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (argv, err)
+    assert "Traceback" not in err
+    if loaded:
+        err = err.strip().splitlines()[-1] + "\n"
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert message.format(file=tmp_path / "plain.txt") in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing half-written
+    return err
+
+
+@pytest.mark.parametrize("argv, message", BAD_BEFORE_LOADING, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_input_fails_before_the_model_loads(capsys, files, monkeypatch, argv, message):
+    import forward_influence.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(models.load_model, "__wrapped__", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.chdir(files)
+    _one_error(capsys, _argv(argv, files), message, files)
+
+
+def test_a_crafted_cache_file_is_refused_and_a_pickle_never_runs(files, tmp_path):
+    """A results folder may come from anyone: its cache files are Parquet with their key inside, never
+    unpickled; anything else at a cache path is refused with a message naming it."""
+    import pandas as pd
+
+    from analyses import cache
+    from analyses.documents import per_document
+    from forward_influence.errors import InputError
+    from forward_influence.traces import Trace
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "essay_d0.pkl").write_bytes(pickle.dumps(Payload()))  # the old cache format: never read
+    (folder / "essay_d0.parquet").write_bytes(pickle.dumps(Payload()))  # a crafted file at the cache path
+    with pytest.raises(InputError, match=r"essay_d0.parquet is not a cache file this toolkit wrote"):
+        per_document([Trace("essay:d0", [1, 2, 3])], lambda t: pd.DataFrame({"x": [1]}), folder, {"k": 1})
+    assert not marker.exists()
+    cache.write(folder / "essay_d1.parquet", {"k": 1}, pd.DataFrame({"x": [1.5]}))
+    assert cache.read(folder / "essay_d1.parquet", {"k": 2}) is None  # other settings: recomputed, not trusted
+    assert cache.read(folder / "essay_d1.parquet", {"k": 1}).x.tolist() == [1.5]
+
+
+def test_outputs_get_the_users_normal_permissions(tmp_path):
+    import os
+
+    from forward_influence.outputs import atomic_open
+
+    old = os.umask(0o022)
+    try:
+        with atomic_open(tmp_path / "table.csv") as f:
+            f.write("a\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "table.csv").stat().st_mode & 0o777 == 0o644
+
+
+BAD_AFTER_LOADING = [
+    (["influence", "-", "--select", "random"], "trace 'stdin' has 2 tokens, too few to evict"),
+    (["influence", "essay:gap", "--max-tokens", "50", "--evict-at", "60"], "--evict-at 60 is beyond trace 'essay:gap'"),
+    (["influence", "essay:gap", "--max-tokens", "60", "--layers", "99"], "--layers must lie in [0, 29]"),
+    (["influence", "essay:gap", "--max-tokens", "60", "--heads", "3"], "--heads must lie in [0, 2]"),
+    (["score", "essay:gap", "--max-tokens", "20", "--policy", "snapkv", "--budget", "500"], "larger than the sequence"),
+    (["generate", "hello", "--policy", "snapkv", "--budget", "100000"], "larger than the prompt plus the new tokens"),
+    (
+        ["generate", "hello", "--policy", "snapkv", "--budget", "0.5", "--max-new-tokens", "100000"],
+        "the prompt (31 tokens) plus the new tokens exceed the model's context of 8192",
+    ),
+    (["score", "{long}"], "has 3"),
+    (["demo", "--docs", "1000", "--out", "{tmp}/demo"], "the evaluation essays hold only"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, message", BAD_AFTER_LOADING, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_input_that_needs_the_tokenizer_is_still_one_line(capsys, files, monkeypatch, argv, message):
+    from forward_influence.corpus import read_essay
+
+    (files / "long.txt").write_text(read_essay("worked") * 2)  # about 36k tokens: beyond the 8k context
+    monkeypatch.setattr("sys.stdin", io.StringIO("two words"))
+    argv = _argv([a.replace("{long}", str(files / "long.txt")) for a in argv], files)
+    err = _one_error(capsys, argv, message, files, loaded=True)
+    if argv[1].endswith("long.txt"):
+        assert "more than the model's context of 8192; pass --max-tokens 8192" in err
+
+
+@pytest.mark.slow
+def test_a_crafted_file_in_an_eval_cache_is_refused_by_the_cli(capsys, tmp_path):
+    folder = tmp_path / "cache" / "smollm2-135m-instruct" / "fidelity"
+    folder.mkdir(parents=True)
+    (folder / "love.parquet").write_bytes(torch.randn(8).numpy().tobytes())  # at the first item's cache path
+    code = main(
+        [
+            "eval",
+            "--task",
+            "fidelity",
+            "--policies",
+            "snapkv",
+            "--budgets",
+            "0.5",
+            "--docs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("error: ") and "love.parquet is not a cache file this toolkit wrote" in err
