@@ -35,7 +35,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 
 from . import pos
-from .documents import cache_folder, essay_segments, per_document, quick
+from .documents import cache_folder, essay_segments, parse_shard, per_document, quick
 from .plotting import save_figure, theme
 from .selections import LABELS, SELECTIONS, jaccard, scores, top_sets
 
@@ -146,6 +146,7 @@ def run(
     fractions: Sequence[float] = FRACTIONS,
     seed: int = 0,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
     """Measure every document (cached), write ``attention_vs_entropy_per_document.csv``,
     ``attention_vs_entropy.csv`` and the figure ``attention_vs_entropy.png/.svg``; returns the summary."""
@@ -159,7 +160,10 @@ def run(
         key,
         "attention vs entropy",
         progress,
+        shard,
     )
+    if shard is not None:  # an array job: the cache holds its documents; a run without a shard writes the tables
+        return frame
     table = summarize(frame)
     write_table(frame, out / "attention_vs_entropy_per_document.csv")
     write_table(table, out / "attention_vs_entropy.csv")
@@ -180,10 +184,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=256 if quick() else 1024, help="tokens per essay")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selection (default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/attention_vs_entropy"))
+    parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        help="I/N: measure only documents I, I+N, ... into the cache and write no table (array jobs)",
+    )
     args = parser.parse_args(argv)
     traces = essay_segments(load_model(args.model).tokenizer, args.docs, args.max_tokens)
-    table = run(args.model, traces, args.out, seed=args.seed)
-    print(table.to_string(index=False, float_format="{:.3g}".format))
+    table = run(args.model, traces, args.out, seed=args.seed, shard=args.shard)
+    if args.shard is None:
+        print(table.to_string(index=False, float_format="{:.3g}".format))
     print(args.out / "attention_vs_entropy.csv")
 
 

@@ -1,7 +1,9 @@
 """The documents an analysis runs on, and the per-document cache that makes long runs resumable.
 
 `essay_segments` cuts documents of a fixed length from the essays of a split (the evaluation essays
-unless a tuning step asks for the calibration ones). `per_document` computes one table per document
+unless a tuning step asks for the calibration ones). `shard_of` splits a run's documents or items
+between the array jobs of a cluster scheduler (``--shard i/n``): each job fills the shared cache, and
+a run without a shard then reads them all back and writes the tables. `per_document` computes one table per document
 and keeps it under the cache folder (`analyses.cache`: Parquet, keyed by the settings and the tokens
 that produced it): an interrupted run resumes where it stopped, a run with other settings or
 another cut of the document recomputes, and a rerun reads back the same numbers bit for bit (so its
@@ -61,6 +63,26 @@ def essay_segments(tokenizer, docs: int, max_tokens: int, split: str = "evaluati
     return traces
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"``: the i-th of n shards, counted from 0; a `ValueError` for anything else."""
+    index, slash, count = text.partition("/")
+    try:
+        parsed = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"expected I/N (the I-th of N shards, from 0), got {text!r}") from None
+    if not slash or parsed[1] < 1 or not 0 <= parsed[0] < parsed[1]:
+        raise ValueError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return parsed
+
+
+def shard_of(items: Sequence, shard: tuple[int, int] | None) -> list:
+    """The items of shard ``(i, n)``: those whose index is i modulo n (all of them when `shard` is None)."""
+    if shard is None:
+        return list(items)
+    index, count = shard
+    return [item for position, item in enumerate(items) if position % count == index]
+
+
 def cache_folder(out: Path, model: str) -> Path:
     """``<out>/cache/<model>``, the model name made a single folder name (``org/name`` -> ``org_name``)."""
     return Path(out) / "cache" / model.replace("/", "_")
@@ -73,10 +95,12 @@ def per_document(
     key: dict,
     desc: str = "documents",
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
-    """``compute(document)`` for every document, concatenated; cached under `folder` (None: no cache)."""
+    """``compute(document)`` for every document (of `shard`, see `shard_of`), concatenated; cached under
+    `folder` (None: no cache)."""
     frames = []
-    for document in tqdm(documents, desc=desc, unit="doc", disable=not progress):
+    for document in tqdm(shard_of(documents, shard), desc=desc, unit="doc", disable=not progress):
         path = None if folder is None else folder / cache.file_name(document.id)
         frames.append(
             cache.cached(path, dict(key, tokens=list(document.token_ids)), lambda document=document: compute(document))

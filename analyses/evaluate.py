@@ -30,7 +30,7 @@ from kv_compression.budget import Budget
 from kv_compression.names import parse
 
 from . import cache
-from .documents import cache_folder
+from .documents import cache_folder, shard_of
 from .plotting import save_figure, theme
 from .tasks import Task, registry
 
@@ -44,14 +44,17 @@ def run_task(
     out: Path,
     seed: int = 0,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
-    """Per-item rows of one task, from the cache where present (see the module docstring)."""
+    """Per-item rows of one task, from the cache where present (see the module docstring); with a
+    `shard` ``(i, n)`` only the items whose index is i modulo n."""
     tracer = Tracer(loaded)
     folder = cache_folder(out, loaded.name) / task.name
     built = {p: parse(p, loaded.name) for p in policies}
     settings = {p: repr(policy) for p, policy in built.items()}
     frames = []
-    for item in tqdm(task.items(loaded.tokenizer, n_items), desc=task.name, unit="item", disable=not progress):
+    items = shard_of(task.items(loaded.tokenizer, n_items), shard)
+    for item in tqdm(items, desc=task.name, unit="item", disable=not progress):
         path = folder / cache.file_name(item.id)
         key = dict(task=repr(task), item=item.id, tokens=item.token_ids)
         stored = cache.read(path, key)
@@ -123,9 +126,13 @@ def evaluate(
     out: Path,
     seed: int = 0,
     buffer: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Run the sweep over tasks (registered names or task objects); returns the path of ``summary.csv``.
     `buffer` sets the compression interval of the tasks that decode (those with a ``buffer`` field).
+    A `shard` ``(i, n)`` computes only every n-th item from the i-th into the per-item cache and writes no
+    table (it returns the cache folder): n array jobs fill the cache, and a run without a shard then
+    merges them into one summary, computing nothing again.
     An unknown task or policy or a bad budget is an `InputError` before any work."""
     known = registry()
     unknown = [t for t in tasks if isinstance(t, str) and t not in known]
@@ -141,7 +148,9 @@ def evaluate(
         if buffer is not None and "buffer" in {f.name for f in dataclasses.fields(task)}:
             task = dataclasses.replace(task, buffer=buffer)
         name = task.name
-        results = run_task(task, loaded, policies, budgets, n_items, out, seed)
+        results = run_task(task, loaded, policies, budgets, n_items, out, seed, shard=shard)
+        if shard is not None:
+            continue
         frames.append(results)
         summaries.append(summarize(results, task.metrics))
         title = f"{loaded.name}: {name}, {results['item'].nunique()} items; mean and 95% CI across items"
@@ -149,5 +158,7 @@ def evaluate(
             task.plot(results, title, out / name)
         else:
             plot_task(results, task, title, out / name, seed)
+    if shard is not None:
+        return cache_folder(out, loaded.name)
     write_table(pd.concat(frames, ignore_index=True), out / "results.csv")
     return write_table(pd.concat(summaries, ignore_index=True), out / "summary.csv")

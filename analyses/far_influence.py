@@ -50,7 +50,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace, read_traces
 from kv_compression.names import parse
 
-from .documents import cache_folder, per_document, quick
+from .documents import cache_folder, parse_shard, per_document, quick
 from .plotting import save_figure, theme
 from .selections import INFOKV, LABELS, policy_scores
 
@@ -163,6 +163,7 @@ def run(
     seed: int = 0,
     traces: Sequence[Trace] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Measure every long essay (cached) and write the tables and the figure to `out`."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -178,7 +179,10 @@ def run(
         key,
         "far influence",
         progress,
+        shard,
     )
+    if shard is not None:  # an array job: the cache holds its essays; a run without a shard writes the tables
+        return {}
     table, paired = summarize(frame)
     write_table(frame, out / "far_influence_per_document.csv")
     write_table(table, out / "far_influence.csv")
@@ -208,9 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="query positions per pass (memory; default 1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/far_influence"))
+    parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        help="I/N: measure only documents I, I+N, ... into the cache and write no table (array jobs)",
+    )
     args = parser.parse_args(argv)
-    tables = run(args.model, args.out, args.fraction, args.prefix, args.min_suffix, args.chunk, args.seed)
-    print(tables["far_influence_paired"].to_string(index=False, float_format="{:.3g}".format))
+    tables = run(
+        args.model, args.out, args.fraction, args.prefix, args.min_suffix, args.chunk, args.seed, shard=args.shard
+    )
+    if tables:
+        print(tables["far_influence_paired"].to_string(index=False, float_format="{:.3g}".format))
     print(args.out / "far_influence.csv")
 
 

@@ -41,7 +41,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 from kv_compression.names import parse
 
-from .documents import cache_folder, essay_segments, per_document, quick
+from .documents import cache_folder, essay_segments, parse_shard, per_document, quick
 from .plotting import save_figure, theme
 from .selections import INFOKV, LABELS, policy_scores, scores
 
@@ -219,9 +219,11 @@ def run(
     scan_distance: int = 64,
     label: str | None = None,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Measure both views and write their CSVs and figures to `out` (``scan_tokens=0`` skips the
-    per-token view); returns the tables by file stem."""
+    per-token view); returns the tables by file stem. With a `shard` ``(i, n)`` only that shard's
+    documents are measured into the cache and nothing is written (`documents.shard_of`)."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     tracer = Tracer(loaded)
     settings = settings or InfluenceSettings()
@@ -237,7 +239,24 @@ def run(
         key,
         "influence by distance",
         progress,
+        shard,
     )
+    if scan_tokens and shard is not None:
+        start = max(settings.sinks, settings.evict_at - scan_tokens)
+        token_key = dict(start=start, end=settings.evict_at, distance=scan_distance, window=settings.window)
+        per_document(
+            traces,
+            lambda trace: token_frame(
+                tracer, trace, start, settings.evict_at, scan_distance, settings.window, loaded.name
+            ),
+            cache / "tokens",
+            token_key,
+            "per-token influence",
+            progress,
+            shard,
+        )
+    if shard is not None:  # an array job: the cache holds its documents; a run without a shard writes the tables
+        return {}
     table = summarize(per_distance)
     lengths = sorted({len(t) for t in traces})
     label = label or f"{len(traces)} evaluation essays x {lengths[0]}{'+' if len(lengths) > 1 else ''} tokens"
@@ -295,11 +314,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scan-distance", type=int, default=40 if small else 64, help="distances per scanned token")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selection (default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/influence"))
+    parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        help="I/N: measure only documents I, I+N, ... into the cache and write no table (array jobs)",
+    )
     args = parser.parse_args(argv)
     traces = essay_segments(load_model(args.model).tokenizer, args.docs, args.max_tokens)
     settings = InfluenceSettings(fraction=args.fraction, evict_at=args.evict_at, seed=args.seed)
     tables = run(
-        args.model, traces, args.out, settings=settings, scan_tokens=args.scan_tokens, scan_distance=args.scan_distance
+        args.model,
+        traces,
+        args.out,
+        settings=settings,
+        scan_tokens=args.scan_tokens,
+        scan_distance=args.scan_distance,
+        shard=args.shard,
     )
     for name in ("influence", "per_token_correlations", "per_token_paired"):
         if name in tables:

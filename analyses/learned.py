@@ -99,7 +99,7 @@ def document_rows(
             continue
         values = ranked(signals(obs, layer))[0]  # [kv_heads, tokens, signals]
         heads, tokens = values.shape[:2]
-        frame = pd.DataFrame(values.reshape(-1, len(SIGNALS)).numpy(), columns=list(SIGNALS))
+        frame = pd.DataFrame(values.reshape(-1, len(SIGNALS)).cpu().numpy(), columns=list(SIGNALS))
         frame.insert(0, "position", np.tile(np.arange(tokens), heads))
         frame.insert(0, "head", np.repeat(np.arange(heads), tokens))
         frame.insert(0, "layer", layer)
@@ -207,7 +207,7 @@ def ranking(
         obs = observation(tracer, ids, list(built.values()))
         for name, policy in built.items():
             scores = torch.stack([s[0] for s in layer_scores(policy, obs) if s is not None]).float()
-            token = torch.where(torch.isfinite(scores), scores, torch.nan).nanmean(dim=(0, 1)).numpy()
+            token = torch.where(torch.isfinite(scores), scores, torch.nan).nanmean(dim=(0, 1)).cpu().numpy()
             keep = np.isfinite(token) & np.isfinite(target)
             rows.append(
                 dict(

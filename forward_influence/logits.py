@@ -21,8 +21,10 @@ DEFAULT_CHUNK = 256
 
 
 def logits_of(model: PreTrainedModel, final: torch.Tensor) -> torch.Tensor:
-    """Logits ``[..., vocab]`` (float32) from final hidden states, with the model's logit soft-capping."""
-    logits = model.get_output_embeddings()(final).float()
+    """Logits ``[..., vocab]`` (float32) from final hidden states, with the model's logit soft-capping. The
+    head runs in its own dtype (a bfloat16 model gets bfloat16 states), the logits come back in float32."""
+    head = model.get_output_embeddings()
+    logits = head(final.to(head.weight.dtype)).float()
     cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -97,7 +99,7 @@ def references(
         p = logp.exp()
         neg_entropy.append((p * logp).sum(-1))
         mean_embedding.append(p @ head.weight.float())
-        bias_term.append(p @ head.bias.float() if head.bias is not None else torch.zeros(p.shape[0]))
+        bias_term.append(p @ head.bias.float() if head.bias is not None else torch.zeros(p.shape[0], device=p.device))
         top1.append(logp.argmax(-1))
     if head is None:
         return References(final, next_ids, torch.cat(next_logp))

@@ -51,6 +51,8 @@ class Reads:
     influence: the distance D of each token's measured Forward Influence at the observation's time
         (each token evicted alone, mean KL over the next D positions; 0 = not read). It needs the
         tokens that follow, so only an offline observation of a trace with its future can hold it.
+    press: the kvpress presses (``CLASS[:field=value...]``) whose scores of every token are recorded
+        (`kv_compression.offline` runs them; this package does not import kvpress).
     """
 
     window: int = 0
@@ -60,6 +62,7 @@ class Reads:
     final_distance: bool = False
     logit_lens: frozenset[int] = frozenset()
     influence: int = 0
+    press: frozenset[str] = frozenset()
 
     def __or__(self, other: Reads) -> Reads:
         """Everything either reads (the longer window and influence distance)."""
@@ -102,8 +105,9 @@ class Observation:
     `entropy` also gives the generated alignment. layer_change[:, l, p] is ``1 - cos`` of token p across
     layer l, final_distance[:, l, p] the cosine distance of its stream after layer l to its stream after
     the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l,
-    influence[:, p] the measured Forward Influence of token p evicted alone now (each None or empty
-    unless read). `prompt_length` is the number of prompt tokens when the observation is taken while
+    influence[:, p] the measured Forward Influence of token p evicted alone now, press_scores[press][l]
+    the ``[batch, kv_heads, tokens]`` scores a kvpress press gave layer l (each None or empty unless
+    read). `prompt_length` is the number of prompt tokens when the observation is taken while
     decoding (None when the whole trace is the prompt).
     """
 
@@ -113,6 +117,7 @@ class Observation:
     final_distance: torch.Tensor | None = None
     logit_lens: dict[int, torch.Tensor] = field(default_factory=dict)
     influence: torch.Tensor | None = None
+    press_scores: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     prompt_length: int | None = None
 
     def entropy(self, top_k: int, alignment: str) -> torch.Tensor:

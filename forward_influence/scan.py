@@ -104,7 +104,7 @@ def naive_token_kl(
     of the whole trace) saves the clean forward when many tokens are checked.
     """
     ids = torch.as_tensor(token_ids[: position + 1 + max_distance], dtype=torch.long)
-    positions = torch.arange(len(ids))[None]
+    positions = torch.arange(len(ids), device=tracer.device)[None]
     masks = build_masks(tracer.layout, [EvictionSpec((position,), position)], positions, positions, dtype=tracer.dtype)
     mask = masks[0]
     if any(w is not None for w in tracer.layout.windows):

@@ -29,6 +29,7 @@ from nnsight import TransformersModel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .errors import InputError
 from .eviction import AttentionLayout
 from .models import LoadedModel
 
@@ -91,13 +92,23 @@ class Tracer:
         use_cache: bool = False,
         hidden: bool = False,
         queries: bool = False,
+        remote: bool = False,
     ) -> Readout:
         """One traced forward pass over ``input_ids [batch, tokens]``.
 
         `masks` holds one additive mask per layer (see `build_masks`); layers sharing the first
         layer's tensor take it from the model's input, the others get theirs written into their
         attention inputs. The pass runs under the model's own attention implementation.
+
+        `remote` runs the pass on NDIF through nnsight (a model NDIF serves, an API key configured). Only
+        a pass without a cache can: a `DynamicCache` is a local object that the trace cannot send, so
+        ``use_cache``/``cache`` with `remote` is an `InputError`. Remote-capable: plain readouts of
+        final states, hidden states and queries (entropies, representation change, masked full-sequence
+        passes). Local only: whatever starts from or extends a cache (Forward Influence's cached prefix,
+        the scan, observations' keys, the compression runtime).
         """
+        if remote and (cache is not None or use_cache):
+            raise InputError("a traced pass that uses a cache cannot run remotely on NDIF: the cache is a local object")
         input_ids = input_ids.to(self.device)
         if cache is None and use_cache:
             cache = DynamicCache()  # full layers only: sliding windows live in the masks
@@ -107,7 +118,7 @@ class Tracer:
         if masks is not None:
             kwargs["attention_mask"] = masks[0]
         with torch.no_grad():
-            with self.lm.trace(input_ids, **kwargs):
+            with self.lm.trace(input_ids, remote=remote, **kwargs):
                 states = nnsight.save([self._embed.output] if hidden else [])
                 query_states = nnsight.save([])
                 for index, layer in enumerate(self._layers):

@@ -101,6 +101,10 @@ def policies(args: argparse.Namespace) -> None:
         print(f"{name:<10} {doc}{offline}")
         print(f"{'':<10} fields: {fields or '(none)'}")
     print(f"{CALIBRATED:<10} InfoKV with the settings `forward-influence calibrate` chose for --model")
+    print(
+        f"{'kvpress:CLASS':<10} a kvpress ScorerPress's choice, e.g. kvpress:SnapKVPress:window_size=64 (needs the "
+        "kvpress extra) [offline only]"
+    )
 
 
 COMMANDS = {"generate": generate, "policies": policies}

@@ -56,6 +56,13 @@ def add(command) -> None:
         "--seed", type=non_negative_int, default=0, help="seed (default 0); the same seed gives identical CSVs"
     )
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
+    p.add_argument(
+        "--shard",
+        type=options.shard,
+        default=None,
+        help="I/N: compute only items I, I+N, ... into the cache and write no table (array jobs of a cluster "
+        "scheduler; a run without --shard then merges them)",
+    )
 
     p = command("calibrate", "choose InfoKV's settings by far-distance Forward Influence on the calibration essays")
     add_model(p)
@@ -111,7 +118,9 @@ def evaluate(args: argparse.Namespace) -> None:
 
     outputs.check_folder(args.out)
     loaded = options.loaded_model(args)
-    print(sweep(loaded, args.task, args.policies, args.budgets, args.docs, args.out, args.seed, args.buffer))
+    print(
+        sweep(loaded, args.task, args.policies, args.budgets, args.docs, args.out, args.seed, args.buffer, args.shard)
+    )
 
 
 def calibrate(args: argparse.Namespace) -> None:

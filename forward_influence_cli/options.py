@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from analyses.documents import parse_shard
 from forward_influence.defaults import SINKS
 from forward_influence.errors import InputError
 from forward_influence.measure import check_time
@@ -114,6 +115,9 @@ def policy_list(text: str) -> list[str]:
     if unknown or not specs:
         raise ValueError(f"unknown policy {', '.join(unknown) or '(none)'}; choose from {', '.join(policy_names())}")
     return [_check_policy(spec) for spec in specs]
+
+
+shard = checked(parse_shard)
 
 
 @checked

@@ -68,7 +68,7 @@ def verify(args: argparse.Namespace) -> int:
 
     from forward_influence.tracer import Tracer
     from forward_influence.traces import read_traces
-    from forward_influence.verify import TOLERANCE
+    from forward_influence.verify import TOLERANCE, TOLERANCES
     from forward_influence.verify import verify as check
 
     options.check_trace(args.trace)
@@ -82,7 +82,8 @@ def verify(args: argparse.Namespace) -> int:
         print(table.to_string(index=False))
     worst = table.max_abs_diff.max()
     print(
-        f"max |logit difference| {worst:.3g} ({'within' if worst < TOLERANCE else 'OUTSIDE'} the {TOLERANCE:g} tolerance)"
+        f"max |logit difference| {worst:.3g} ({'within' if table.ok.all() else 'OUTSIDE'} the "
+        f"{TOLERANCES.get(tracer.dtype, TOLERANCE):g} tolerance)"
     )
     return 0 if bool(table.ok.all()) else 1
 

@@ -2,7 +2,8 @@
 
 `parse` builds a policy from such a spec: NAME is a policy's CLI name (`kv_compression.policies`) or
 ``infokv-calibrated`` (InfoKV with the model's calibrated settings); ``infokv-calibrated`` and
-``learned`` read the model's file (`kv_compression.tuned`);
+``learned`` read the model's file (`kv_compression.tuned`); ``kvpress:CLASS[:field=value...]`` is a
+kvpress press's choice (`kv_compression.kvpress`, an extra);
 each ``field=value`` sets one field of the policy's dataclass, converted to the field's type
 (integers, numbers, ``true``/``false``, or one of an option's choices, checked by the policy). An
 unknown name or field is an `InputError` naming the choices.
@@ -16,16 +17,18 @@ import typing
 from forward_influence.errors import InputError
 
 from .policies import POLICIES, Policy
+from .policies.kvpress_scores import KvpressScores
 from .tuned import calibrated, learned
 
 CALIBRATED = "infokv-calibrated"
 LEARNED = "learned"
+KVPRESS = "kvpress"
 PER_MODEL = (CALIBRATED, LEARNED)  # built from a file of the model's: checked once the model is known
 
 
 def policy_names() -> list[str]:
     """Every CLI policy name."""
-    return [*POLICIES, CALIBRATED]
+    return [*POLICIES, CALIBRATED, KVPRESS]
 
 
 def _value(cls: type, field: str, text: str) -> object:
@@ -50,6 +53,11 @@ def parse(spec: str, model: str | None = None, quiet: bool = False) -> Policy:
     name, *assignments = [part.strip() for part in spec.split(":")]
     if name not in policy_names():
         raise InputError(f"unknown policy {name!r}; choose from {', '.join(policy_names())}")
+    if name == KVPRESS:  # kvpress:CLASS[:field=value...], checked against the installed kvpress
+        from . import kvpress
+
+        kvpress.press_class(":".join(assignments))
+        return KvpressScores(press=":".join(assignments))
     if name == CALIBRATED:
         base = calibrated(model or "", quiet)
     elif name == LEARNED:

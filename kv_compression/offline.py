@@ -33,5 +33,13 @@ def observation(
     influence: torch.Tensor | None = None,
 ) -> Observation:
     """One observation of `token_ids` that every policy of `policies` can score. A policy that reads a
-    measured influence (the oracle) needs `future`, the tokens that follow, or the `influence` table."""
-    return observe(tracer, token_ids, reads(policies), future=future, influence=influence)
+    measured influence (the oracle) needs `future`, the tokens that follow, or the `influence` table; a
+    kvpress press's scores are recorded by running it over the trace (`kv_compression.kvpress`)."""
+    wanted = reads(policies)
+    obs = observe(tracer, token_ids, wanted, future=future, influence=influence)
+    if wanted.press:
+        from . import kvpress  # an optional extra, in its own environment
+
+        ids = torch.as_tensor(token_ids).tolist()
+        obs.press_scores = {spec: kvpress.press_scores(tracer.model, ids, spec) for spec in wanted.press}
+    return obs

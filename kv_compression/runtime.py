@@ -115,10 +115,12 @@ class CompressedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.evicted
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, queries: int | torch.Tensor) -> tuple[int, int]:
         # Key j of the cache stands at mask index evicted + j: every kept key lies before the new
-        # queries' original positions, and the new keys stay causal among themselves.
-        return super().get_seq_length() + query_length, self.evicted
+        # queries' original positions, and the new keys stay causal among themselves. (transformers
+        # passes the query length, or before 5.3 the queries' cache positions.)
+        length = int(queries.shape[0]) if torch.is_tensor(queries) else int(queries)
+        return super().get_seq_length() + length, self.evicted
 
 
 @dataclass

@@ -94,3 +94,16 @@ def test_findings_pick_the_best_attention_baseline_and_pair_the_items():
     assert (row.difference_mean, row.difference_ci_low, row.difference_ci_high) == pytest.approx(
         (difference.mean(), low, high)
     )
+
+
+def test_shards_fill_one_cache_that_a_plain_run_merges_into_the_same_tables(tmp_path):
+    loaded = tiny_model("llama")
+    whole = evaluate(loaded, [SmallFidelity()], ["snapkv", "random"], ["0.5"], 3, tmp_path / "whole")
+    task = SmallFidelity()
+    for shard in ((0, 2), (1, 2)):
+        assert evaluate(loaded, [task], ["snapkv", "random"], ["0.5"], 3, tmp_path / "shards", shard=shard).is_dir()
+    assert task.runs == 3 and not (tmp_path / "shards" / "summary.csv").exists()  # each item once, no table yet
+    merged = evaluate(loaded, [task], ["snapkv", "random"], ["0.5"], 3, tmp_path / "shards")
+    assert task.runs == 3  # the merge computes nothing
+    assert merged.read_text() == whole.read_text()
+    assert (tmp_path / "shards" / "results.csv").read_text() == (tmp_path / "whole" / "results.csv").read_text()

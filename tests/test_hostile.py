@@ -89,6 +89,8 @@ BAD_BEFORE_LOADING = [
     (["eval", "--budgets", "0.5,-1"], "budget must be positive, got -1"),
     (["eval", "--policies", "snapkv,magic"], "unknown policy magic"),
     (["eval", "--buffer", "-4"], "--buffer: must be at least 0"),
+    (["eval", "--shard", "2/2"], "--shard: expected I/N with 0 <= I < N, got '2/2'"),
+    (["eval", "--shard", "half"], "--shard: expected I/N (the I-th of N shards, from 0)"),
     (["calibrate", "--docs", "-1"], "--docs: must be at least 1"),
     (["learn", "--docs", "0"], "--docs: must be at least 1"),
     (["verify", "--max-tokens", "0"], "--max-tokens: must be at least 1"),

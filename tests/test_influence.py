@@ -143,3 +143,12 @@ def test_a_suffix_read_in_pieces_equals_one_pass(kind):
     np.testing.assert_allclose(pieces.kl, whole.kl, atol=1e-5)
     np.testing.assert_allclose(pieces.hidden_cos, whole.hidden_cos, atol=1e-5)
     assert np.nanmax(whole.kl) > 1e-3
+
+
+def test_a_pass_with_a_cache_is_refused_remotely_before_any_request(llama):
+    from transformers import DynamicCache
+
+    ids = torch.tensor([_ids(8)])
+    for kwargs in (dict(use_cache=True), dict(cache=DynamicCache())):
+        with pytest.raises(InputError, match="cannot run remotely on NDIF"):
+            llama.run(ids, remote=True, **kwargs)

@@ -56,7 +56,7 @@ def pool(
 ) -> torch.Tensor:
     """1-D pooling over tokens with stride 1 and same-size output (SnapKV's clustering). Average
     pooling divides by the tokens inside the kernel unless `count_padding` (PyTorch's default)."""
-    if kernel <= 1:
+    if kernel <= 1 or scores.shape[-1] == 0:
         return scores
     shape = scores.shape
     flat = scores.reshape(-1, 1, shape[-1])

@@ -1,0 +1,112 @@
+"""kvpress both ways, against the real kvpress: our policies as presses, its presses measured by our tracer."""
+
+from __future__ import annotations
+
+import kvpress
+import pandas as pd
+import pytest
+import torch
+from transformers import DynamicCache, pipeline
+
+from forward_influence.traces import read_traces
+from forward_influence_cli.main import main
+from kv_compression.budget import Budget, layer_scores, top_indices
+from kv_compression.kvpress import PolicyPress, kept_positions, press
+from kv_compression.offline import observation
+from kv_compression.policies import TOVA, InfoKV, Knorm, SnapKV, StreamingLLM
+from kv_compression.runtime import CompressedCache, compressing
+
+RATIO = 0.75
+
+
+@pytest.fixture(scope="module")
+def ids(loaded):
+    return read_traces("essay:gap", loaded.tokenizer, max_tokens=400)[0].token_ids
+
+
+def test_a_policy_press_keeps_what_our_runtime_keeps(loaded, ids):
+    model, kept = loaded.model, int(len(ids) * (1 - RATIO))
+    cache = DynamicCache()
+    with press("infokv", compression_ratio=RATIO)(model), torch.no_grad():
+        model.get_decoder()(input_ids=torch.tensor([ids]), past_key_values=cache)
+    ours = CompressedCache(model, InfoKV(), Budget(kept, "count"))
+    with compressing(model, ours), torch.no_grad():
+        model.get_decoder()(input_ids=torch.tensor([ids]), past_key_values=ours)
+        ours.maybe_compress()
+    assert all(layer.keys.shape[2] == kept for layer in cache.layers)
+    assert all(
+        torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(cache.layers, ours.layers)
+    )
+
+
+@pytest.mark.parametrize("name", ["infokv", "snapkv", "h2o"])
+def test_our_policies_run_in_kvpress_pipeline(loaded, name):
+    pipe = pipeline("kv-press-text-generation", model=loaded.model, tokenizer=loaded.tokenizer)
+    context = "The secret passkey is 48213. " + "The grass is green and the sky is blue. " * 40
+    answer = pipe(
+        context, question="What is the secret passkey?", press=press(name, compression_ratio=0.5), max_new_tokens=12
+    )["answer"]
+    assert isinstance(answer, str) and answer.strip()
+    assert isinstance(press(name, compression_ratio=0.5), kvpress.BasePress)
+
+
+# Ours and kvpress's, with the fields that make them the same rule.
+COUNTERPARTS = [
+    (StreamingLLM(sinks=4), kvpress.StreamingLLMPress(compression_ratio=RATIO, n_sink=4)),
+    (TOVA(), kvpress.TOVAPress(compression_ratio=RATIO)),
+    (Knorm(), kvpress.KnormPress(compression_ratio=RATIO)),
+    (SnapKV(window=64, kernel=5), kvpress.SnapKVPress(compression_ratio=RATIO, window_size=64, kernel_size=5)),
+]
+
+
+@pytest.mark.parametrize("ours, theirs", COUNTERPARTS, ids=lambda p: type(p).__name__)
+def test_our_baselines_keep_the_positions_kvpress_keeps(loaded, ids, ours, theirs):
+    """Kept sets equal per layer and KV head, but for near-ties at the cut: a position one keeps and the
+    other evicts must score within a rounding of the last kept score (TOVA: kvpress leaves the newest
+    token out of the last query's attention and always keeps it; ours scores it, and it ranks first)."""
+    from forward_influence.tracer import Tracer
+
+    k = int(len(ids) * (1 - RATIO))
+    theirs_kept = kept_positions(loaded.model, ids, theirs)
+    obs = observation(Tracer(loaded), ids, [ours])
+    scores = layer_scores(ours, obs)
+    ours_kept = top_indices(obs, scores, [k] * len(obs.layers))
+    differing = 0
+    for layer, (a, b) in enumerate(zip(ours_kept, theirs_kept)):
+        for head in range(a.shape[1]):
+            mine, theirs_set = set(a[0, head].tolist()), set(b[head].tolist())
+            row = scores[layer][0, head]
+            cut = row[a[0, head]].min()
+            for position in mine ^ theirs_set:
+                assert abs(row[position] - cut) <= 1e-4 * abs(cut) + 1e-7, (layer, head, position)
+            differing += len(mine ^ theirs_set)
+    assert differing <= 0.001 * k * len(obs.layers) * 3  # near-ties are rare
+
+
+def test_a_kvpress_press_is_measured_like_a_policy(capsys, tmp_path):
+    out = tmp_path / "s.csv"
+    code = main(
+        [
+            "score",
+            "essay:gap",
+            "--max-tokens",
+            "256",
+            "--policy",
+            "kvpress:SnapKVPress",
+            "--budget",
+            "0.25",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    frame = pd.read_csv(out)
+    assert frame.keep_share_kvpress.sum() == pytest.approx(64)  # every layer and head keeps a quarter
+    assert frame.kept_kvpress.tail(64).all()  # kvpress's SnapKV window (64) is always kept
+    code = main(["score", "essay:gap", "--policy", "kvpress:AdaKVPress"])
+    assert code == 2 and "not a kvpress ScorerPress" in capsys.readouterr().err
+
+
+def test_policy_press_checks_its_ratio():
+    with pytest.raises(ValueError, match=r"compression_ratio must lie in \[0, 1\)"):
+        PolicyPress(policy=SnapKV(), compression_ratio=1.0)
