@@ -5,15 +5,15 @@ evaluation essays for evaluation) every token of the prefix is evicted alone at 
 t = PREFIX - 1 and its far Forward Influence measured: ``fi_far``, the mean KL over distances 33-64
 (`forward_influence.scan.scan_at`; cached per document under ``<out>/cache/<model>/scans/``, so a run
 resumes). The online signals of every token, layer and KV head come from one offline observation
-(`kv_compression.policies.learned.signals`), ranked among the layer's tokens.
+(`kv_compression.policies.learned.token_signals`), ranked among each layer's tokens.
 
 Training (`train`, ``forward-influence learn``): ridge regressions (scikit-learn) of each token's rank
-of ``fi_far`` within its document on its signals' ranks, one sample per token, full-attention layer
-and KV head, the newest `WINDOW` tokens left out (the policy keeps them). One weight vector for every
-layer or one per band of layers, and the ridge penalty, are chosen by leave-one-document-out
-Spearman correlation of the token score (the mean of its layers' and heads' scores) with ``fi_far``,
-reported beside H2O's, SnapKV's and the published InfoKV's on the same held-out documents. The
-weights, the choice and every cross-validated number go to ``learned/<model>.json``.
+of ``fi_far`` within its document on its signals' ranks averaged over the KV heads and over the
+layers of a band, one sample per token, the newest `WINDOW` tokens left out (the policy keeps them).
+The number of bands (one for all full-attention layers, three, or one per layer) and the ridge
+penalty are chosen by leave-one-document-out Spearman correlation of the score with ``fi_far``,
+reported beside the window and cumulative attention's on the same held-out documents. The weights,
+the choice and every cross-validated number go to ``learned/<model>.json``.
 
 Evaluation (`ranking`): the same Spearman correlation on evaluation documents for the learned policy,
 H2O, SnapKV, InfoKV (published and calibrated) and Expected Attention, per document and paired
@@ -52,15 +52,14 @@ from kv_compression.budget import layer_scores
 from kv_compression.names import parse
 from kv_compression.offline import observation
 from kv_compression.policies import Learned
-from kv_compression.policies.learned import SIGNALS, band, ranked, signals
+from kv_compression.policies.learned import SIGNALS, band, token_signals
 
 from . import cache
 from .documents import cache_folder, essay_segments
 from .plotting import save_figure, theme
 
 PREFIX, DISTANCE = 1024, 64
-BANDS = (1, 3)
-ALPHAS = (0.1, 1.0, 10.0)
+ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 RANKED = ("learned", "h2o", "snapkv", "infokv", "infokv-calibrated", "expected-attention")
 
 
@@ -88,63 +87,54 @@ def far_influence(scan: pd.DataFrame) -> np.ndarray:
 def document_rows(
     tracer: Tracer, trace: Trace, folder: Path | None, prefix: int = PREFIX, distance: int = DISTANCE
 ) -> pd.DataFrame:
-    """Per token, full-attention layer and KV head of one document: its ranked signals and the token's
-    ``fi_far`` and its rank in the document (the newest WINDOW tokens left out)."""
+    """One row per token of one document: its head-averaged ranked signals in every full-attention
+    layer (columns ``<signal>@<i>`` for the i-th such layer), its ``fi_far`` and its rank in the
+    document (``target``, in [0, 1]); the newest WINDOW tokens are left out (the policy keeps them)."""
     path = None if folder is None else folder / cache.file_name(trace.id)
     target = far_influence(influence_scan(tracer, trace.token_ids, path, prefix, distance))
     obs = observation(tracer, trace.token_ids[:prefix], [Learned()])
-    frames = []
-    for layer, view in enumerate(obs.layers):
-        if view.sliding_window is not None:
-            continue
-        values = ranked(signals(obs, layer))[0]  # [kv_heads, tokens, signals]
-        heads, tokens = values.shape[:2]
-        frame = pd.DataFrame(values.reshape(-1, len(SIGNALS)).cpu().numpy(), columns=list(SIGNALS))
-        frame.insert(0, "position", np.tile(np.arange(tokens), heads))
-        frame.insert(0, "head", np.repeat(np.arange(heads), tokens))
-        frame.insert(0, "layer", layer)
-        frames.append(frame)
-    rows = pd.concat(frames, ignore_index=True)
-    rows = rows[rows.position < prefix - WINDOW]
-    rank = stats.rankdata(target[: prefix - WINDOW]) - 1
-    rows = rows.assign(fi_far=target[rows.position], target=rank[rows.position] / (len(rank) - 1))
-    return rows.assign(document=trace.id, layers=len(obs.layers))
+    features = token_signals(obs)[0]  # [full layers, tokens, signals]
+    layers, tokens, _ = features.shape
+    columns = [f"{name}@{layer}" for layer in range(layers) for name in SIGNALS]
+    rows = pd.DataFrame(features.permute(1, 0, 2).reshape(tokens, -1).cpu().numpy(), columns=columns)
+    kept = prefix - WINDOW
+    rank = stats.rankdata(target[:kept]) - 1
+    rows = rows.iloc[:kept].assign(position=np.arange(kept), fi_far=target[:kept], target=rank / (kept - 1))
+    return rows.assign(document=trace.id)
 
 
 def design(rows: pd.DataFrame, bands: int) -> np.ndarray:
-    """The signals placed in their band's block: ``[rows, bands * signals]``."""
-    x = rows[list(SIGNALS)].to_numpy()
-    which = np.array([band(layer, int(rows.layers.iloc[0]), bands) for layer in rows.layer])
-    out = np.zeros((len(rows), bands * len(SIGNALS)), dtype=np.float32)
+    """The features of `bands` bands of layers: each signal's mean over the band's layers, ``[rows,
+    bands * signals]`` (band-major, as the policy's weights)."""
+    layers = sum(c.startswith(f"{SIGNALS[0]}@") for c in rows.columns)
+    blocks = []
     for b in range(bands):
-        out[which == b, b * len(SIGNALS) : (b + 1) * len(SIGNALS)] = x[which == b]
-    return out
+        members = [layer for layer in range(layers) if band(layer, layers, bands) == b]
+        blocks.append(
+            np.stack(
+                [rows[[f"{name}@{layer}" for layer in members]].mean(axis=1).to_numpy() for name in SIGNALS], axis=1
+            )
+        )
+    return np.concatenate(blocks, axis=1)
 
 
-def token_spearman(rows: pd.DataFrame, score: np.ndarray) -> float:
-    """Spearman correlation of the token score (mean over layers and heads) with ``fi_far``."""
-    table = rows.assign(score=score).groupby("position").agg(score=("score", "mean"), fi_far=("fi_far", "first"))
-    return float(stats.spearmanr(table.score, table.fi_far).statistic)
-
-
-def cross_validate(rows: pd.DataFrame) -> pd.DataFrame:
-    """Leave-one-document-out Spearman of every (bands, alpha) and of the attention signals."""
+def cross_validate(rows: pd.DataFrame, bands_options: Sequence[int]) -> pd.DataFrame:
+    """Leave-one-document-out Spearman with ``fi_far`` of every (bands, alpha) and of the attention
+    signals alone (their all-layer rank averages)."""
     results = []
     for held in rows.document.unique():
         train, test = rows[rows.document != held], rows[rows.document == held]
-        for bands, alpha in itertools.product(BANDS, ALPHAS):
+        for bands, alpha in itertools.product(bands_options, ALPHAS):
             model = Ridge(alpha=alpha).fit(design(train, bands), train.target)
+            rho = stats.spearmanr(model.predict(design(test, bands)), test.fi_far).statistic
             results.append(
-                dict(
-                    document=held,
-                    model=f"bands={bands},alpha={alpha}",
-                    bands=bands,
-                    alpha=alpha,
-                    spearman=token_spearman(test, model.predict(design(test, bands))),
-                )
+                dict(document=held, model=f"bands={bands},alpha={alpha}", bands=bands, alpha=alpha, spearman=float(rho))
             )
         for name in ("attention_cumulative", "attention_window"):
-            results.append(dict(document=held, model=name, spearman=token_spearman(test, test[name].to_numpy())))
+            score = design(test, 1)[:, SIGNALS.index(name)]
+            results.append(
+                dict(document=held, model=name, spearman=float(stats.spearmanr(score, test.fi_far).statistic))
+            )
     return pd.DataFrame(results)
 
 
@@ -170,7 +160,8 @@ def train(
         ],
         ignore_index=True,
     )
-    scores = cross_validate(rows)
+    layers = sum(c.startswith(f"{SIGNALS[0]}@") for c in rows.columns)
+    scores = cross_validate(rows, sorted({1, min(3, layers), layers}))
     means = scores.groupby("model", sort=False).spearman.mean()
     fitted = scores.dropna(subset=["bands"]).groupby(["bands", "alpha"]).spearman.mean()
     bands, alpha = fitted.idxmax()
@@ -178,6 +169,7 @@ def train(
     content = dict(
         model=loaded.name,
         features=list(SIGNALS),
+        layers=int(layers),
         bands=int(bands),
         alpha=float(alpha),
         weights=[float(w) for w in model.coef_],
@@ -241,16 +233,19 @@ def plot_weights(content: dict, path: Path) -> list[Path]:
     """The learned weights as a heatmap: one row per band of layers, one column per signal."""
     theme()
     weights = np.array(content["weights"]).reshape(content["bands"], len(content["features"]))
+    bands, layers = content["bands"], content["layers"]
     names = (
         ["all layers"]
-        if content["bands"] == 1
-        else [f"band {b + 1} of {content['bands']}" for b in range(content["bands"])]
+        if bands == 1
+        else [f"full layer {b + 1}" for b in range(bands)]
+        if bands == layers
+        else [f"band {b + 1} of {bands}" for b in range(bands)]
     )
-    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.6 * content["bands"]), layout="constrained")
+    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.6 * min(bands, 6) + 0.15 * max(bands - 6, 0)), layout="constrained")
     limit = float(np.abs(weights).max()) or 1.0
     sns.heatmap(
         pd.DataFrame(weights, index=names, columns=content["features"]),
-        annot=True,
+        annot=bands <= 6,
         fmt=".2f",
         cmap="vlag",
         vmin=-limit,
@@ -262,7 +257,8 @@ def plot_weights(content: dict, path: Path) -> list[Path]:
     chosen = f"bands={content['bands']},alpha={content['alpha']}"
     ax.set_title(
         f"{content['model']}: learned weights ({len(content['documents'])} calibration documents); "
-        f"held-out Spearman with fi_far {cv[chosen]:.2f} (H2O's {cv['attention_cumulative']:.2f})",
+        f"held-out Spearman with fi_far {cv[chosen]:.2f} (window attention {cv['attention_window']:.2f}, "
+        f"cumulative {cv['attention_cumulative']:.2f})",
         fontsize=10,
     )
     ax.tick_params(axis="x", rotation=40)

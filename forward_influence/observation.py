@@ -119,6 +119,7 @@ class Observation:
     influence: torch.Tensor | None = None
     press_scores: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     prompt_length: int | None = None
+    derived: dict = field(default_factory=dict, repr=False)  # what a policy derives once and reads per layer
 
     def entropy(self, top_k: int, alignment: str) -> torch.Tensor:
         """``[batch, seen]`` top-k entropy by position, ``next`` (at the token) or ``generated`` (the

@@ -273,3 +273,24 @@ def test_far_influence_averages_chunks_per_essay_then_across_essays(tmp_path):
     row = paired[(paired.against == "attention_h2o") & (paired.chunk_start == 129)].iloc[0]
     assert row.difference_mean == pytest.approx((wide.entropy_generated - wide.attention_h2o).mean())
     assert (tmp_path / "far_influence.png").is_file()
+
+
+def test_headroom_places_each_policy_between_random_and_the_oracle():
+    from analyses.headroom import headroom, interaction
+
+    rows = [
+        dict(task="fidelity", item=f"d{i}", policy=p, budget="0.25", nll_increase=v)
+        for i, (r, s, h) in enumerate([(0.4, 0.3, 0.2), (0.6, 0.5, 0.3), (0.5, 0.35, 0.25)])
+        for p, v in (("random", r), ("snapkv", s), ("h2o", h))
+    ]
+    oracle = pd.DataFrame(
+        [
+            dict(item=f"d{i}", policy="oracle", budget="0.25", nll_increase=v, set_kl=k, summed_single_kl=2 * k)
+            for i, (v, k) in enumerate([(0.1, 1.0), (0.2, 2.0), (0.15, 3.0)])
+        ]
+    )
+    table = headroom(pd.DataFrame(rows), oracle).set_index("policy")
+    assert table.loc["random", "place"] == pytest.approx(0) and table.loc["oracle", "place"] == pytest.approx(1)
+    assert table.loc["snapkv", "place"] == pytest.approx((0.5 - 0.38333333) / (0.5 - 0.15))  # means over the documents
+    assert table.loc["h2o", "place_ci_low"] <= table.loc["h2o", "place"] <= table.loc["h2o", "place_ci_high"]
+    assert interaction(oracle).ratio_mean.item() == pytest.approx(0.5)  # the set costs half its tokens' sum here

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from forward_influence.defaults import FAR_FROM
 from forward_influence.eviction import EvictionSpec
@@ -47,8 +48,11 @@ def fidelity_rows(
     prefix: int = 1024,
     continuation: int = 256,
     far_from: int = FAR_FROM,
+    influence: torch.Tensor | None = None,
 ) -> list[dict]:
-    """One row per (policy, budget) for one document (see the module docstring for the columns)."""
+    """One row per (policy, budget) for one document (see the module docstring for the columns). A
+    policy that reads the measured influence (the oracle) measures it on the continuation, or takes
+    `influence` (``[1, prefix]``) when given."""
     ids = list(token_ids[: prefix + continuation])
     if len(ids) <= prefix:
         raise ValueError(f"{document} has {len(ids)} tokens, not more than the {prefix}-token prefix")
@@ -56,7 +60,7 @@ def fidelity_rows(
     clean = clean_run(tracer, ids, hidden=False)
     n_full = -clean.references.next_logp[prefix - 1 : len(ids) - 1].mean().item()
     rows = []
-    obs = observation(tracer, ids[:prefix], list(policies.values()))
+    obs = observation(tracer, ids[:prefix], list(policies.values()), future=ids[prefix:], influence=influence)
     for name, policy in policies.items():
         scores = layer_scores(policy, obs)  # scored once, selected at every budget
         for budget in budgets:

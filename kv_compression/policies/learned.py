@@ -72,26 +72,51 @@ def ranked(values: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(ranks, nan=0.5)
 
 
-def band(layer: int, layers: int, bands: int) -> int:
-    """The band (early, middle, late third, ...) of a layer: ``bands`` equal slices of the layers."""
-    return min(bands - 1, layer * bands // layers)
+def full_layers(obs: Observation) -> list[int]:
+    return [layer for layer, view in enumerate(obs.layers) if view.sliding_window is None]
+
+
+def band(index: int, count: int, bands: int) -> int:
+    """The band of the `index`-th of `count` full-attention layers: ``bands`` equal slices of them."""
+    return min(bands - 1, index * bands // count)
+
+
+def token_signals(obs: Observation, window: int = WINDOW) -> torch.Tensor:
+    """The ranked signals of every token seen, per full-attention layer, averaged over the layer's KV
+    heads: ``[batch, full layers, seen, len(SIGNALS)]`` (NaN for a token no head of the layer holds)."""
+    seen = max(t.shape[-1] for t in obs.entropy_next.values())
+    tables = []
+    for layer in full_layers(obs):
+        values = ranked(signals(obs, layer, window))  # [batch, kv_heads, tokens, signals]
+        positions = obs.layers[layer].positions
+        batch, heads, tokens, count = values.shape
+        index = positions.reshape(batch, heads * tokens, 1).expand(-1, -1, count)
+        total = torch.zeros(batch, seen, count, device=values.device).scatter_add_(
+            1, index, values.reshape(batch, -1, count)
+        )
+        held = torch.zeros(batch, seen, 1, device=values.device).scatter_add_(
+            1, index[..., :1], torch.ones_like(index[..., :1], dtype=values.dtype)
+        )
+        tables.append(total / held)
+    return torch.stack(tables, dim=1)
 
 
 @dataclass
 class Learned(Policy):
     """A linear score fitted to measured Forward Influence (``forward-influence learn``).
 
-    Each cached token of a layer is described by the online signals of `SIGNALS` (`signals`: window,
-    cumulative and per-query attention, top-k entropies at k = 10 and 256 in both alignments, both
-    representation changes, key and value norms, relative position, key redundancy), each ranked among
-    the layer's tokens per KV head and scaled to [0, 1]. The score is ``intercept + w_b . ranks``, with
-    one weight vector per band of layers (`bands` equal slices; 1 = one vector for every layer),
-    `weights` holding the bands' vectors one after the other. The weights are a ridge regression of
-    each token's rank of far Forward Influence (mean KL at distances 33-64, the token evicted alone at
-    the compression time) on its signals' ranks, fitted on the calibration essays only
-    (`analyses.learned`); the fitted file of a model is read by the CLI name ``learned``. The newest
-    `recent` tokens (whose window attention is their own) are always kept.
-    Scores: [batch, kv_heads, tokens]; higher means keep.
+    Each token is described by the online signals of `SIGNALS` (`signals`: window, cumulative and
+    per-query attention, top-k entropies at k = 10 and 256 in both alignments, both representation
+    changes, key and value norms, relative position, key redundancy), each ranked among a layer's cached
+    tokens per KV head, scaled to [0, 1] and averaged over the heads (`token_signals`); the full-attention
+    layers are cut into `bands` equal slices, whose rank averages are the features. The score is
+    ``intercept + sum_b w_b . features_b``, `weights` holding the bands' vectors one after the other: a
+    ridge regression of each token's rank of far Forward Influence (mean KL at distances 33-64, the
+    token evicted alone at the compression time) on its features, fitted on the calibration essays only
+    (`analyses.learned`), read by the CLI name ``learned``. The score is the token's, so every layer and
+    KV head keeps the same tokens (whose signals then stay comparable across heads); the newest `recent`
+    tokens (whose window attention is their own) are always kept. Scores: [batch, kv_heads, tokens];
+    higher means keep.
     """
 
     name = "learned"
@@ -115,11 +140,23 @@ class Learned(Policy):
             final_distance=True,
         )
 
+    def token_score(self, obs: Observation) -> torch.Tensor:
+        """``[batch, seen]``: the score of every token seen, derived once per observation."""
+        key = ("learned", self.bands, self.weights, self.intercept, self.window)
+        if key not in obs.derived:
+            if not self.weights:
+                raise InputError(
+                    "learned: no weights; build it with kv_compression.tuned.learned(model) or "
+                    "`forward-influence learn`"
+                )
+            features = token_signals(obs, self.window)  # [batch, layers, seen, signals]
+            count = features.shape[1]
+            which = torch.tensor([band(i, count, self.bands) for i in range(count)], device=features.device)
+            weights = torch.tensor(self.weights, dtype=torch.float32, device=features.device)
+            weights = weights.reshape(self.bands, len(SIGNALS))
+            banded = torch.stack([features[:, which == b].nanmean(dim=1) for b in range(self.bands)], dim=1)
+            obs.derived[key] = torch.einsum("bksf,kf->bs", torch.nan_to_num(banded, nan=0.5), weights) + self.intercept
+        return obs.derived[key]
+
     def score(self, obs: Observation, layer: int) -> torch.Tensor:
-        if not self.weights:
-            raise InputError(
-                "learned: no weights; build it with kv_compression.tuned.learned(model) or `forward-influence learn`"
-            )
-        vector = torch.tensor(self.weights, dtype=torch.float32).reshape(self.bands, len(SIGNALS))
-        weights = vector[band(layer, len(obs.layers), self.bands)].to(obs.layers[layer].keys.device)
-        return protect(ranked(signals(obs, layer, self.window)) @ weights + self.intercept, recent=self.recent)
+        return protect(obs.per_token(layer, self.token_score(obs)), recent=self.recent)

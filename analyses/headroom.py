@@ -1,0 +1,145 @@
+"""Headroom: how far each policy is from the best a per-token score could do, and how much tokens interact.
+
+The oracle (`kv_compression.policies.Oracle`) keeps the tokens whose measured Forward Influence at
+the compression time is largest: each prefix token of a fidelity document evicted alone at t = 1023,
+mean KL over the next 64 positions (`analyses.learned.influence_scan`, cached per document, so the
+scans behind the learned policy's evaluation serve here too). On the same documents and budgets as
+``eval --task fidelity`` (`analyses.tasks.fidelity`):
+
+- ``headroom.csv``: per policy and budget, its place between random (0) and the oracle (1) on the
+  fidelity NLL increase, ``(random - policy) / (random - oracle)`` of the means over documents, with a
+  95% percentile-bootstrap interval over documents, beside the oracle's own NLL increase;
+- ``interaction.csv``: per budget, the KL of evicting the oracle's whole evicted set (mean over the 64
+  positions after t) against the sum of its tokens' single-token KLs: a ratio of 1 would make
+  per-token scores additive, so the oracle a bound for sets too; the measured ratio says how far
+  they are from it.
+
+    python -m analyses.headroom data/results/smollm2-135m-instruct/fidelity/results.csv --docs 16
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from forward_influence.eviction import EvictionSpec
+from forward_influence.influence import clean_run, evict
+from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.outputs import write_table
+from forward_influence.stats import group_ci
+from forward_influence.tracer import Tracer
+from kv_compression.budget import Budget, kept_indices
+from kv_compression.offline import observation
+from kv_compression.policies import Oracle
+
+from . import cache
+from .documents import cache_folder
+from .learned import DISTANCE, PREFIX, influence_scan
+from .tasks.fidelity import Fidelity, fidelity_rows
+
+FLOOR, CEILING = "random", "oracle"
+
+
+def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, progress: bool = True) -> pd.DataFrame:
+    """Fidelity rows of the oracle and the interaction measurement, per document and budget."""
+    tracer, task = Tracer(loaded), Fidelity()
+    folder = cache_folder(out, loaded.name) / "scans" / "evaluation"
+    oracle = Oracle(distance=DISTANCE)
+    rows = []
+    for item in tqdm(task.items(loaded.tokenizer, docs), desc="headroom", disable=not progress):
+        scan = influence_scan(tracer, item.token_ids, folder / cache.file_name(f"essay:{item.id}"))
+        single = scan[[f"kl_{d}" for d in range(1, DISTANCE + 1)]].mean(axis=1).to_numpy()
+        influence = torch.tensor(single, dtype=torch.float32, device=tracer.device)[None]
+        fidelity = fidelity_rows(
+            tracer,
+            item.id,
+            item.token_ids,
+            {CEILING: oracle},
+            budgets,
+            task.prefix,
+            task.continuation,
+            task.far_from,
+            influence=influence,
+        )
+        obs = observation(tracer, item.token_ids[:PREFIX], [oracle], influence=influence)
+        clean = clean_run(tracer, item.token_ids[: PREFIX + DISTANCE], hidden=False)
+        for row, budget in zip(fidelity, budgets):
+            kept = next(k for k in kept_indices(oracle, obs, Budget.parse(budget)) if k is not None)
+            evicted = sorted(set(range(PREFIX)) - set(kept[0, 0].tolist()))  # one set: the score is per token
+            together = evict(tracer, clean, [EvictionSpec(tuple(evicted), PREFIX - 1)], DISTANCE, hidden=False).kl[0]
+            rows.append(
+                dict(
+                    row,
+                    set_kl=float(np.nanmean(together)),
+                    summed_single_kl=float(single[evicted].sum()),
+                    evicted=len(evicted),
+                )
+            )
+    return pd.DataFrame(rows)
+
+
+def headroom(results: pd.DataFrame, oracle: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per policy and budget: ``(random - policy) / (random - oracle)`` of the mean NLL increases, with
+    a percentile-bootstrap interval over the documents both cover."""
+    table = pd.concat([results[results.task == "fidelity"], oracle.assign(task="fidelity")], ignore_index=True)
+    table = table.assign(budget=table.budget.astype(str))
+    rows = []
+    for budget, group in table.groupby("budget", sort=False):
+        wide = group.pivot_table(index="item", columns="policy", values="nll_increase").dropna()
+        if FLOOR not in wide or CEILING not in wide:
+            continue
+
+        def place(policy: np.ndarray, floor: np.ndarray, ceiling: np.ndarray) -> float:
+            return float((floor.mean() - policy.mean()) / (floor.mean() - ceiling.mean()))
+
+        for policy in wide.columns:
+            data = (wide[policy].to_numpy(), wide[FLOOR].to_numpy(), wide[CEILING].to_numpy())
+            value = place(*data)
+            interval = stats.bootstrap(
+                data, place, paired=True, vectorized=False, n_resamples=2000, method="percentile", random_state=seed
+            ).confidence_interval
+            rows.append(
+                dict(
+                    budget=budget,
+                    policy=policy,
+                    n_documents=len(wide),
+                    nll_increase=wide[policy].mean(),
+                    place=value,
+                    place_ci_low=float(interval.low),
+                    place_ci_high=float(interval.high),
+                )
+            )
+    return pd.DataFrame(rows).sort_values(["budget", "place"], ascending=[True, False])
+
+
+def interaction(oracle: pd.DataFrame) -> pd.DataFrame:
+    """Per budget: the set's KL over the summed single-token KLs, mean and interval over documents."""
+    frame = oracle.assign(ratio=oracle.set_kl / oracle.summed_single_kl)
+    return group_ci(frame, ["budget"], ["set_kl", "summed_single_kl", "ratio"]).rename(columns={"n": "n_documents"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="the results.csv of `forward-influence eval --task fidelity`")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--docs", type=int, default=16, help="fidelity documents with the oracle (default 16)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: next to the results)")
+    args = parser.parse_args(argv)
+    out = args.out or args.results.parent
+    results = pd.read_csv(args.results, dtype={"budget": str})
+    oracle = oracle_rows(load_model(args.model), args.docs, sorted(results.budget.unique()), out)
+    write_table(oracle, out / "oracle.csv")
+    write_table(headroom(results, oracle), out / "headroom.csv")
+    write_table(interaction(oracle), out / "interaction.csv")
+    print(headroom(results, oracle).to_string(index=False, float_format="{:.3f}".format))
+    print(out / "headroom.csv")
+
+
+if __name__ == "__main__":
+    main()
