@@ -37,7 +37,7 @@ from forward_influence.traces import Trace
 from . import pos
 from .documents import cache_folder, essay_segments, parse_shard, per_document, quick
 from .plotting import save_figure, theme
-from .selections import LABELS, SELECTIONS, jaccard, scores, top_sets
+from .selections import DEFAULT_SELECTIONS, LABELS, jaccard, scores, top_sets
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5)
 WHOLE = "whole text"
@@ -142,7 +142,7 @@ def run(
     model: str | LoadedModel,
     traces: Sequence[Trace],
     out: Path,
-    selections: Sequence[str] = SELECTIONS,
+    selections: Sequence[str] = DEFAULT_SELECTIONS,
     fractions: Sequence[float] = FRACTIONS,
     seed: int = 0,
     progress: bool = True,

@@ -31,6 +31,7 @@ import seaborn as sns
 from matplotlib import pyplot as plt
 from scipy import stats
 
+from forward_influence.defaults import WINDOW
 from forward_influence.measure import BANDS, InfluenceSettings, influence_by_distance, summarize
 from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
 from forward_influence.outputs import write_table
@@ -43,18 +44,9 @@ from kv_compression.names import parse
 
 from .documents import cache_folder, essay_segments, parse_shard, per_document, quick
 from .plotting import save_figure, theme
-from .selections import INFOKV, LABELS, policy_scores, scores
+from .selections import DEFAULT_SELECTIONS, INFOKV, LABELS, policy_scores, scores
 
-DEFAULT_SELECTIONS = (
-    "entropy_next",
-    "entropy_generated",
-    "attention_snapkv",
-    "attention_h2o",
-    "evolution",
-    "infokv",
-    "random",
-)
-TOKEN_SIGNALS = ("entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution", "infokv")
+TOKEN_SIGNALS = tuple(name for name in DEFAULT_SELECTIONS if name != "random")
 ATTENTION_SIGNALS = ("attention_snapkv", "attention_h2o")
 DECILES = 10
 
@@ -71,16 +63,25 @@ def infokv_selector(tracer: Tracer, settings: InfluenceSettings, model: str | No
 
 
 def token_frame(
-    tracer: Tracer, trace: Trace, start: int, end: int, max_distance: int, window: int = 32, model: str | None = None
+    tracer: Tracer,
+    trace: Trace,
+    start: int,
+    end: int,
+    max_distance: int,
+    window: int = WINDOW,
+    model: str | None = None,
+    signals: Sequence[str] = TOKEN_SIGNALS,
 ) -> pd.DataFrame:
-    """One row per token of ``[start, end)``: ``document, position, fi_near, fi_far, <signals>``."""
+    """One row per token of ``[start, end)``: ``document, position, fi_near, fi_far, <signals>``, each
+    signal read as a compressor at ``end + window`` would see it (policies leave their own window
+    unranked, so the window is at least theirs)."""
     ids = trace.token_ids
     fi = scan(tracer, ids[: end + max_distance], start, end, max_distance)
-    window = max(window, parse(INFOKV, model, quiet=True).window)  # InfoKV leaves its own window unranked
-    ranking = scores(tracer, ids[: end + window], TOKEN_SIGNALS, model=model)
+    window = max(window, parse(INFOKV, model, quiet=True).window)
+    ranking = scores(tracer, ids[: end + window], signals, model=model)
     frame = fi[["position", "fi_near", "fi_far"]].copy()
     frame.insert(0, "document", trace.id)
-    for name in TOKEN_SIGNALS:
+    for name in signals:
         frame[name] = ranking[name][start:end]
     return frame
 
@@ -241,16 +242,15 @@ def run(
         progress,
         shard,
     )
-    if scan_tokens and shard is not None:
-        start = max(settings.sinks, settings.evict_at - scan_tokens)
-        token_key = dict(start=start, end=settings.evict_at, distance=scan_distance, window=settings.window)
-        per_document(
+    per_token = None
+    if scan_tokens:
+        start, t = max(settings.sinks, settings.evict_at - scan_tokens), settings.evict_at
+        signals = [name for name in selections if name != "random"]
+        per_token = per_document(
             traces,
-            lambda trace: token_frame(
-                tracer, trace, start, settings.evict_at, scan_distance, settings.window, loaded.name
-            ),
+            lambda trace: token_frame(tracer, trace, start, t, scan_distance, settings.window, loaded.name, signals),
             cache / "tokens",
-            token_key,
+            dict(start=start, end=t, distance=scan_distance, window=settings.window, signals=signals),
             "per-token influence",
             progress,
             shard,
@@ -270,17 +270,8 @@ def run(
         "mean per distance bucket, 95% CI across documents",
         out / "influence",
     )
-    if scan_tokens:
-        start = max(settings.sinks, t - scan_tokens)
-        per_token = per_document(
-            traces,
-            lambda trace: token_frame(tracer, trace, start, t, scan_distance, settings.window, loaded.name),
-            cache / "tokens",
-            dict(start=start, end=t, distance=scan_distance, window=settings.window),
-            "per-token influence",
-            progress,
-        )
-        deciles, correlations, paired = token_tables(per_token)
+    if per_token is not None:
+        deciles, correlations, paired = token_tables(per_token, signals)
         tables.update(
             per_token=per_token, per_token_deciles=deciles, per_token_correlations=correlations, per_token_paired=paired
         )
@@ -315,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selection (default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/influence"))
     parser.add_argument(
+        "--selections",
+        default=",".join(DEFAULT_SELECTIONS),
+        help="comma-separated selections (default %(default)s; add learned for the learned policy)",
+    )
+    parser.add_argument(
         "--shard",
         type=parse_shard,
         default=None,
@@ -327,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model,
         traces,
         args.out,
+        selections=[name.strip() for name in args.selections.split(",") if name.strip()],
         settings=settings,
         scan_tokens=args.scan_tokens,
         scan_distance=args.scan_distance,

@@ -4,8 +4,9 @@ The analyses compare rankings of the tokens ``0..t`` known at an eviction time t
 
 - the raw token signals of `forward_influence.signals` (``entropy_next``, ``entropy_generated``,
   ``attention_snapkv``, ``attention_h2o``, ``evolution``), averaged over layers and heads;
-- ``infokv``: the published InfoKV's score (`kv_compression`), averaged over the full-attention layers
-  and KV heads; the tokens InfoKV always keeps (its window, scored +inf) are left unranked;
+- ``infokv``, ``learned``: the published InfoKV's score and the learned policy's (`kv_compression`;
+  the model's fitted weights), averaged over the full-attention layers and KV heads; the tokens a
+  policy always keeps (its window, scored +inf) are left unranked;
 - ``random``: a seeded uniform draw.
 
 Two uses: `top_sets` picks the top fraction of the candidates ``sinks..t`` (the set whose eviction
@@ -32,7 +33,9 @@ from kv_compression.policies import Policy
 
 INFOKV = "infokv"  # the policy behind the ``infokv`` selection: the published rule
 SIGNAL_SELECTIONS = ("entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution")
-SELECTIONS = (*SIGNAL_SELECTIONS, "infokv", "random")
+POLICY_SELECTIONS = {"infokv": INFOKV, "learned": "learned"}  # selection name -> the policy that ranks
+SELECTIONS = (*SIGNAL_SELECTIONS, *POLICY_SELECTIONS, "random")
+DEFAULT_SELECTIONS = (*SIGNAL_SELECTIONS, "infokv", "random")  # unless told (learned needs the model's fit)
 LABELS = {
     "entropy_next": "entropy (next)",
     "entropy_generated": "entropy (generated)",
@@ -40,6 +43,7 @@ LABELS = {
     "attention_h2o": "H2O attention",
     "evolution": "evolution",
     "infokv": "InfoKV",
+    "learned": "learned",
     "random": "random",
 }
 
@@ -77,8 +81,8 @@ def scores(
     for name in check_selections(names):
         if name == "random":
             out[name] = None
-        elif name == "infokv":
-            out[name] = policy_scores(tracer, token_ids, parse(INFOKV, model, quiet=True))
+        elif name in POLICY_SELECTIONS:
+            out[name] = policy_scores(tracer, token_ids, parse(POLICY_SELECTIONS[name], model, quiet=True))
         else:
             out[name] = signals.get(name)
     return out

@@ -26,7 +26,8 @@ Sliding-window layers (Gemma3) keep their own window and are not compressed. Bat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -308,6 +309,20 @@ class CompressedCache(DynamicCache):
         self.planned = targets
         self.last_observation = obs
 
+    def snapshot(self) -> CompressedCache:
+        """An independent copy of the cache as it stands (its tensors shared until either one changes
+        them: every update and eviction makes new tensors), to decode from while this one goes on."""
+        other = copy.copy(self)
+        other.layers = [copy.copy(layer) for layer in self.layers]
+        other.compressions = list(self.compressions)
+        other.planned = None if self.planned is None else list(self.planned)
+        other._entropy = {k: list(rows) for k, rows in self._entropy.items()}
+        other._layer_change = [list(rows) for rows in self._layer_change]
+        other._final_distance = list(self._final_distance)
+        other._lens = {k: [list(rows) for rows in layers] for k, layers in self._lens.items()}
+        other._outputs = list(self._outputs)
+        return other
+
     def sizes(self) -> dict[str, int]:
         """``full_tokens`` (tokens seen), ``kept_tokens`` (in the first full layer), and the bytes of
         keys and values in every layer now (``kept_bytes``) and without eviction (``full_bytes``)."""
@@ -406,25 +421,28 @@ def teacher_forced(
     policy: Policy,
     budget: Budget,
     buffer: int = BUFFER,
-) -> tuple[torch.Tensor, CompressedCache]:
+    stops: Sequence[int] = (),
+) -> tuple[torch.Tensor, CompressedCache, dict[int, CompressedCache]]:
     """Feed a fixed continuation to a compressed cache, as decoding those tokens would: the final normed
     hidden states ``[len(continuation), hidden]`` that predict each continuation token (the first from
-    the prompt's last position), and the cache.
+    the prompt's last position), the cache, and a `snapshot` of the cache at each of `stops` (after the
+    first p continuation tokens; its state is ``states[p]``), to decode from without replaying again.
 
-    The tokens run in blocks that end where a compression falls due, so the cache compresses at the
-    same times, scores the same observations and keeps the same tokens as one-token-at-a-time decoding,
-    which it equals (tested), in a handful of forward passes instead of one per token."""
+    The tokens run in blocks that end where a compression falls due (or at a stop), so the cache
+    compresses at the same times, scores the same observations and keeps the same tokens as
+    one-token-at-a-time decoding, which it equals (tested), in a handful of forward passes instead of
+    one per token."""
     prompt_ids, continuation_ids = _one_sequence(prompt_ids), _one_sequence(continuation_ids)
     budget.check_count(prompt_ids.shape[1] + continuation_ids.shape[1], "the prompt plus the continuation")
     cache = CompressedCache(model, policy, budget, buffer=buffer)
     decoder, device = model.get_decoder(), model.device
-    states = []
+    states, snapshots = [], {}
     with compressing(model, cache), torch.no_grad():
         states.append(decoder(prompt_ids.to(device), past_key_values=cache).last_hidden_state[0, -1:])
         start, end = 0, continuation_ids.shape[1] - 1  # the last token predicts nothing in the continuation
         while start < end:
             cache.maybe_compress()
-            # Tokens until a layer's next compression falls due (see `CompressedCache.due`).
+            # Tokens until a layer's next compression falls due (see `CompressedCache.due`), or a stop.
             room = min(
                 (
                     max(cache.planned[layer] + cache.buffer, cache.planned[layer] + 1)
@@ -433,12 +451,14 @@ def teacher_forced(
                 ),
                 default=end - start,
             )
-            size = min(end - start, max(room, 1))
+            size = min([end - start, max(room, 1), *(p - start for p in stops if p > start)])
             block = continuation_ids[:, start : start + size].to(device)
             positions = torch.arange(cache.seen, cache.seen + size, device=device)[None]
             states.append(decoder(block, position_ids=positions, past_key_values=cache).last_hidden_state[0])
             start += size
-    return torch.cat(states).float(), cache
+            if start in stops:
+                snapshots[start] = cache.snapshot()
+    return torch.cat(states).float(), cache, snapshots
 
 
 def greedy_continuation(model: PreTrainedModel, cache: CompressedCache, state: torch.Tensor, steps: int) -> list[int]:

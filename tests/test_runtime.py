@@ -203,7 +203,7 @@ def test_teacher_forcing_in_blocks_equals_decoding_one_token_at_a_time(kind, bud
     loaded = tiny_model(kind)
     prompt, continuation = _prompt(20, seed=1), _prompt(40, seed=2)
     policy, parsed = InfoKV(window=4, top_k=5), Budget.parse(budget)
-    states, blocks = teacher_forced(loaded.model, prompt, continuation, policy, parsed, buffer=6)
+    states, blocks, _ = teacher_forced(loaded.model, prompt, continuation, policy, parsed, buffer=6)
     step = CompressedCache(loaded.model, policy, parsed, buffer=6)
     logits = []
     with compressing(loaded.model, step), torch.no_grad():
@@ -223,8 +223,14 @@ def test_greedy_continuation_after_teacher_forcing_equals_decoding_one_token_at_
     loaded = tiny_model("llama")
     prompt, continuation = _prompt(20, seed=1), _prompt(10, seed=2)
     policy, budget = SnapKV(window=4), Budget.parse("12")
-    states, cache = teacher_forced(loaded.model, prompt, continuation, policy, budget, buffer=6)
+    states, cache, snapshots = teacher_forced(loaded.model, prompt, continuation, policy, budget, buffer=6, stops=(5,))
     tokens = greedy_continuation(loaded.model, cache, states[-1], 8)
+    # A snapshot taken on the way decodes as the replay of that prefix would, and leaves the cache as it was.
+    prefix_states, prefix_cache, _ = teacher_forced(loaded.model, prompt, continuation[:6], policy, budget, buffer=6)
+    assert torch.allclose(states[:6], prefix_states, atol=1e-5)
+    assert greedy_continuation(loaded.model, snapshots[5], states[5], 8) == greedy_continuation(
+        loaded.model, prefix_cache, prefix_states[-1], 8
+    )
     step, expected = CompressedCache(loaded.model, policy, budget, buffer=6), []
     with compressing(loaded.model, step), torch.no_grad():
         logits = loaded.model(prompt[None], past_key_values=step).logits[0, -1]

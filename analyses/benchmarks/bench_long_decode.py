@@ -91,7 +91,7 @@ def main() -> None:
 
     policy, budget, interval = InfoKV(), Budget.parse("256"), 128 if args.quick else 1024
     start = time.perf_counter()
-    states, blocks = teacher_forced(model, prompt, continuation, policy, budget, interval)
+    states, blocks, _ = teacher_forced(model, prompt, continuation, policy, budget, interval)
     replay = time.perf_counter() - start
     start = time.perf_counter()
     logits, steps = step_by_step(model, prompt, continuation, policy, budget, interval)

@@ -100,11 +100,11 @@ def prompts(tokenizer, n: int, essay_prompt: int = 128, problems=PROBLEMS) -> li
     ]
     essay_prompts = []
     for name in corpus.essay_names("evaluation"):
+        if len(essay_prompts) == n_essays:
+            break
         ids = read_traces(f"essay:{name}", tokenizer)[0].token_ids
         if len(ids) >= essay_prompt:
             essay_prompts.append(Prompt(f"essay:{name}", "essay", ids[:essay_prompt]))
-        if len(essay_prompts) == n_essays:
-            break
     mixed = [p for pair in zip(problem_prompts, essay_prompts) for p in pair]
     return mixed + problem_prompts[len(essay_prompts) :] + essay_prompts[len(problem_prompts) :]
 
@@ -262,7 +262,8 @@ class LongDecode(PerSetting):
     def measure(self, tracer: Tracer, item: Item, reference: Reference, policy: Policy, budget: Budget) -> dict:
         model, prompt = tracer.model, torch.tensor(item.token_ids)
         generated = torch.tensor(reference.generated)
-        states, _ = teacher_forced(model, prompt, generated, policy, budget, self.buffer)
+        points = self.branch_points(len(generated))
+        states, _, snapshots = teacher_forced(model, prompt, generated, policy, budget, self.buffer, stops=points)
         positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(generated), device=tracer.device)
         kl, agree, nll = (
             x.float().cpu().numpy()
@@ -279,11 +280,13 @@ class LongDecode(PerSetting):
         for start, end, label in bucket_labels(len(generated)):
             row[f"kl_{label}"] = float(kl[start:end].mean())
             row[f"nll_increase_{label}"] = float(nll[start:end].mean())
-        runs = []
-        for point, full in reference.branches.items():
-            branch_states, cache = teacher_forced(model, prompt, generated[: point + 1], policy, budget, self.buffer)
-            tokens = greedy_continuation(model, cache, branch_states[-1], self.horizon)
-            runs.append(prefix_agreement(full, tokens) * len(full))
+        runs = [
+            prefix_agreement(
+                reference.branches[point], greedy_continuation(model, snapshots[point], states[point], self.horizon)
+            )
+            * self.horizon
+            for point in points
+        ]
         row.update(agreement_tokens=float(np.mean(runs)), repeated_4grams_full=reference.repeated)
         return row
 
