@@ -57,6 +57,10 @@ def test_the_grid_surrounds_the_published_point():
         if p.combination == "softmax" and p.alignment == "generated" and p.evolution == "to_final" and p.alpha < 1
     }
     assert published_axes == {(k, a, t) for k in (10, 64, 256) for a in (0.8, 0.9, 0.95) for t in (0.5, 1.0, 2.0)}
+    changed = [
+        p for p in grid.values() if (p.combination, p.alignment, p.evolution) != ("softmax", "generated", "to_final")
+    ]
+    assert all((p.top_k, p.tau) == (256, 1.0) for p in changed) and len(changed) == 5 * 3  # one option at a time
     assert {p.combination for p in grid.values()} == {"softmax", "zscore", "rank"}
     assert {p.evolution for p in grid.values()} == {"to_final", "across_layers", "none"}
-    assert sum(p.alpha == 1.0 for p in grid.values()) == 1  # pure attention once: the other choices change nothing
+    assert sum(p.alpha == 1.0 for p in grid.values()) == 1 and len(grid) == 43  # pure attention once
