@@ -28,6 +28,7 @@ import seaborn as sns
 from matplotlib import pyplot as plt
 from scipy import stats
 
+from forward_influence.defaults import SINKS
 from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.stats import group_ci
@@ -35,8 +36,8 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 
 from . import pos
-from .documents import cache_folder, essay_segments, parse_shard, per_document, quick
-from .plotting import save_figure, theme
+from .documents import add_shard_option, cache_folder, essay_segments, per_document, quick
+from .plotting import overlap_heatmap, save_figure, theme
 from .selections import DEFAULT_SELECTIONS, LABELS, jaccard, scores, top_sets
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5)
@@ -48,7 +49,7 @@ def document_frame(
     trace: Trace,
     selections: Sequence[str],
     fractions: Sequence[float],
-    sinks: int = 4,
+    sinks: int = SINKS,
     seed: int = 0,
     model: str | None = None,
 ) -> pd.DataFrame:
@@ -106,18 +107,7 @@ def plot(table: pd.DataFrame, fraction: float, title: str, path: Path) -> list[P
     for row in pairs.itertuples():
         matrix.loc[row.a, row.b] = matrix.loc[row.b, row.a] = row.value_mean
     labels = [LABELS.get(n, n) for n in names]
-    sns.heatmap(
-        matrix,
-        annot=True,
-        fmt=".2f",
-        vmin=0,
-        vmax=1,
-        cmap="viridis",
-        ax=axes[0],
-        xticklabels=labels,
-        yticklabels=labels,
-        cbar_kws=dict(label="Jaccard overlap"),
-    )
+    overlap_heatmap(axes[0], matrix, labels, "Jaccard overlap")
     axes[0].set_title(f"overlap of the top {fraction:.0%} sets (mean over documents)", fontsize=10)
 
     for ax, kind, xlabel in (
@@ -184,12 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=256 if quick() else 1024, help="tokens per essay")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selection (default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/attention_vs_entropy"))
-    parser.add_argument(
-        "--shard",
-        type=parse_shard,
-        default=None,
-        help="I/N: measure only documents I, I+N, ... into the cache and write no table (array jobs)",
-    )
+    add_shard_option(parser)
     args = parser.parse_args(argv)
     traces = essay_segments(load_model(args.model).tokenizer, args.docs, args.max_tokens)
     table = run(args.model, traces, args.out, seed=args.seed, shard=args.shard)

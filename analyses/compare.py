@@ -36,7 +36,7 @@ from forward_influence.traces import Trace
 from kv_compression.budget import Budget
 
 from . import pos
-from .plotting import save_figure, theme
+from .plotting import overlap_heatmap, save_figure, theme
 from .selections import LABELS, jaccard, kept_sets, scores
 
 COMPARED = ("attention_snapkv", "attention_h2o", "entropy_next", "entropy_generated", "evolution", "infokv")
@@ -123,18 +123,7 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> list[Path]:
         dtype=float,
     )
     labels = [LABELS.get(n, n) for n in names]
-    sns.heatmap(
-        matrix,
-        annot=True,
-        fmt=".2f",
-        vmin=0,
-        vmax=1,
-        cmap="viridis",
-        ax=axes[1],
-        xticklabels=labels,
-        yticklabels=labels,
-        cbar_kws=dict(label="Jaccard overlap of the kept sets"),
-    )
+    overlap_heatmap(axes[1], matrix, labels, "Jaccard overlap of the kept sets")
     axes[1].set_title("overlap of what each selection keeps", fontsize=10)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)

@@ -75,6 +75,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return parsed
 
 
+def add_shard_option(parser) -> None:
+    """``--shard I/N`` for an analysis entry point (see `shard_of`)."""
+    parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        help="I/N: measure only documents I, I+N, ... into the cache and write no table (array jobs)",
+    )
+
+
 def shard_of(items: Sequence, shard: tuple[int, int] | None) -> list:
     """The items of shard ``(i, n)``: those whose index is i modulo n (all of them when `shard` is None)."""
     if shard is None:

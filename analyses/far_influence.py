@@ -50,7 +50,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace, read_traces
 from kv_compression.names import parse
 
-from .documents import cache_folder, parse_shard, per_document, quick
+from .documents import add_shard_option, cache_folder, per_document, quick
 from .plotting import save_figure, theme
 from .selections import INFOKV, LABELS, policy_scores
 
@@ -212,12 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="query positions per pass (memory; default 1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/far_influence"))
-    parser.add_argument(
-        "--shard",
-        type=parse_shard,
-        default=None,
-        help="I/N: measure only documents I, I+N, ... into the cache and write no table (array jobs)",
-    )
+    add_shard_option(parser)
     args = parser.parse_args(argv)
     tables = run(
         args.model, args.out, args.fraction, args.prefix, args.min_suffix, args.chunk, args.seed, shard=args.shard

@@ -42,7 +42,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 from kv_compression.names import parse
 
-from .documents import cache_folder, essay_segments, parse_shard, per_document, quick
+from .documents import add_shard_option, cache_folder, essay_segments, per_document, quick
 from .plotting import save_figure, theme
 from .selections import DEFAULT_SELECTIONS, INFOKV, LABELS, policy_scores, scores
 
@@ -310,12 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         default=",".join(DEFAULT_SELECTIONS),
         help="comma-separated selections (default %(default)s; add learned for the learned policy)",
     )
-    parser.add_argument(
-        "--shard",
-        type=parse_shard,
-        default=None,
-        help="I/N: measure only documents I, I+N, ... into the cache and write no table (array jobs)",
-    )
+    add_shard_option(parser)
     args = parser.parse_args(argv)
     traces = essay_segments(load_model(args.model).tokenizer, args.docs, args.max_tokens)
     settings = InfluenceSettings(fraction=args.fraction, evict_at=args.evict_at, seed=args.seed)

@@ -28,3 +28,19 @@ def save_figure(fig: plt.Figure, path: str | Path) -> list[Path]:
         written.append(target)
     plt.close(fig)
     return written
+
+
+def overlap_heatmap(ax, matrix, labels: list[str], label: str) -> None:
+    """A Jaccard-overlap matrix drawn as an annotated heatmap on [0, 1] (the analyses' shared view)."""
+    sns.heatmap(
+        matrix,
+        annot=True,
+        fmt=".2f",
+        vmin=0,
+        vmax=1,
+        cmap="viridis",
+        ax=ax,
+        xticklabels=labels,
+        yticklabels=labels,
+        cbar_kws=dict(label=label),
+    )

@@ -56,7 +56,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import chat_ids, read_traces
 from kv_compression.budget import Budget
 from kv_compression.policies import Policy
-from kv_compression.runtime import greedy_continuation, teacher_forced
+from kv_compression.runtime import BUFFER, greedy_continuation, teacher_forced
 
 from ..plotting import save_figure, theme
 from . import Item, PerSetting
@@ -209,7 +209,7 @@ class Reference:
 class LongDecode(PerSetting):
     """The long-decoding task (see the module docstring)."""
 
-    buffer: int = 128
+    buffer: int = BUFFER
     new_tokens: int = 1024  # for models without packaged references
     horizon: int = 32
     essay_prompt: int = 128

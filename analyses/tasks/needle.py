@@ -23,6 +23,7 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import chat_ids
 from kv_compression.budget import Budget
 from kv_compression.policies import Policy
+from kv_compression.runtime import BUFFER
 
 from . import Item, PerSetting, greedy_completion
 
@@ -58,7 +59,7 @@ class Needle(PerSetting):
     lengths: tuple[int, ...] = (500, 1000, 2000)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     max_new_tokens: int = 16
-    buffer: int = 128
+    buffer: int = BUFFER
     seed: int = 0
     name: str = "needle"
     metrics: tuple[str, ...] = ("correct",)
