@@ -414,6 +414,34 @@ def generate(
     return output, cache
 
 
+def _feed(
+    decoder: torch.nn.Module, cache: CompressedCache, ids: torch.Tensor, stops: Sequence[int] = ()
+) -> tuple[list[torch.Tensor], dict[int, CompressedCache]]:
+    """Feed ``ids [1, n]`` to a cache that is already `compressing`, in blocks that end where a
+    compression falls due (or at a stop): the final normed hidden states of each block and a snapshot
+    of the cache after each stop (after the first p tokens)."""
+    states, snapshots, start, end, device = [], {}, 0, ids.shape[1], ids.device
+    while start < end:
+        cache.maybe_compress()
+        # Tokens until a layer's next compression falls due (see `CompressedCache.due`), or a stop.
+        room = min(
+            (
+                max(cache.planned[layer] + cache.buffer, cache.planned[layer] + 1) - cache.layers[layer].keys.shape[2]
+                for layer in cache.full_layers
+            ),
+            default=end - start,
+        )
+        size = min([end - start, max(room, 1), *(p - start for p in stops if p > start)])
+        positions = torch.arange(cache.seen, cache.seen + size, device=device)[None]
+        states.append(
+            decoder(ids[:, start : start + size], position_ids=positions, past_key_values=cache).last_hidden_state[0]
+        )
+        start += size
+        if start in stops:
+            snapshots[start] = cache.snapshot()
+    return states, snapshots
+
+
 def teacher_forced(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
@@ -436,29 +464,29 @@ def teacher_forced(
     budget.check_count(prompt_ids.shape[1] + continuation_ids.shape[1], "the prompt plus the continuation")
     cache = CompressedCache(model, policy, budget, buffer=buffer)
     decoder, device = model.get_decoder(), model.device
-    states, snapshots = [], {}
     with compressing(model, cache), torch.no_grad():
-        states.append(decoder(prompt_ids.to(device), past_key_values=cache).last_hidden_state[0, -1:])
-        start, end = 0, continuation_ids.shape[1] - 1  # the last token predicts nothing in the continuation
-        while start < end:
-            cache.maybe_compress()
-            # Tokens until a layer's next compression falls due (see `CompressedCache.due`), or a stop.
-            room = min(
-                (
-                    max(cache.planned[layer] + cache.buffer, cache.planned[layer] + 1)
-                    - cache.layers[layer].keys.shape[2]
-                    for layer in cache.full_layers
-                ),
-                default=end - start,
-            )
-            size = min([end - start, max(room, 1), *(p - start for p in stops if p > start)])
-            block = continuation_ids[:, start : start + size].to(device)
-            positions = torch.arange(cache.seen, cache.seen + size, device=device)[None]
-            states.append(decoder(block, position_ids=positions, past_key_values=cache).last_hidden_state[0])
-            start += size
-            if start in stops:
-                snapshots[start] = cache.snapshot()
-    return torch.cat(states).float(), cache, snapshots
+        first = decoder(prompt_ids.to(device), past_key_values=cache).last_hidden_state[0, -1:]
+        # The last token predicts nothing in the continuation.
+        states, snapshots = _feed(decoder, cache, continuation_ids[:, :-1].to(device), stops)
+    return torch.cat([first, *states]).float(), cache, snapshots
+
+
+def greedy_agreement(model: PreTrainedModel, cache: CompressedCache, state: torch.Tensor, tokens: Sequence[int]) -> int:
+    """How many leading `tokens` greedy decoding from a compressed cache reproduces, where `state` is
+    the final normed hidden state ``[hidden]`` of the cache's last position (e.g. from `teacher_forced`);
+    the cache is consumed.
+
+    While greedy decoding agrees with `tokens`, it has fed exactly those tokens, so its choice at each
+    step is the argmax after teacher-forcing them: one blocked pass (compressions at the same times as
+    decoding) replaces a forward pass per token, and the count equals that of `greedy_continuation`
+    (tested; a different float rounding could only matter at an exact tie between two logits)."""
+    if not tokens:
+        return 0
+    decoder, device = model.get_decoder(), model.device
+    with compressing(model, cache), torch.no_grad():
+        states, _ = _feed(decoder, cache, torch.tensor([list(tokens[:-1])], device=device))
+    choices = logits_of(model, torch.cat([state[None].to(model.dtype), *states])).argmax(dim=-1).tolist()
+    return next((i for i, (a, b) in enumerate(zip(choices, tokens)) if a != b), len(tokens))
 
 
 def greedy_continuation(model: PreTrainedModel, cache: CompressedCache, state: torch.Tensor, steps: int) -> list[int]:

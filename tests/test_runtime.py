@@ -16,6 +16,7 @@ from kv_compression.runtime import (
     CompressedCache,
     compressing,
     generate,
+    greedy_agreement,
     greedy_continuation,
     replay_specs,
     teacher_forced,
@@ -224,7 +225,13 @@ def test_greedy_continuation_after_teacher_forcing_equals_decoding_one_token_at_
     prompt, continuation = _prompt(20, seed=1), _prompt(10, seed=2)
     policy, budget = SnapKV(window=4), Budget.parse("12")
     states, cache, snapshots = teacher_forced(loaded.model, prompt, continuation, policy, budget, buffer=6, stops=(5,))
+    forced, differing = cache.snapshot(), cache.snapshot()
     tokens = greedy_continuation(loaded.model, cache, states[-1], 8)
+    # Forcing the greedy tokens counts all of them; forcing tokens that differ from the fourth on counts three.
+    assert greedy_agreement(loaded.model, forced, states[-1], tokens) == 8
+    other = tokens[:3] + [(t + 1) % VOCAB for t in tokens[3:]]
+    assert greedy_agreement(loaded.model, differing, states[-1], other) == 3
+    assert len(forced.compressions) == len(cache.compressions)  # the forced pass compressed at the same times
     # A snapshot taken on the way decodes as the replay of that prefix would, and leaves the cache as it was.
     prefix_states, prefix_cache, _ = teacher_forced(loaded.model, prompt, continuation[:6], policy, budget, buffer=6)
     assert torch.allclose(states[:6], prefix_states, atol=1e-5)

@@ -24,7 +24,8 @@ Measurement, per policy and budget, through the real compressing runtime
 - free-running agreement (``agreement_tokens``): at a quarter, half and three quarters of the
   reference, the compressed cache (teacher-forced up to there) decodes greedily; the tokens until its
   first divergence from the full cache's greedy continuation from the same point, at most `horizon`,
-  averaged over the three points.
+  averaged over the three points (`greedy_agreement`: the full cache's continuation is teacher-forced
+  in one blocked pass, which counts the same tokens as decoding them one by one).
 
 Budgets are token counts (``256``, ``512``) or RPC's ratio schedule ``prompt+0.25`` (with a buffer of
 1024).
@@ -56,11 +57,11 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import chat_ids, read_traces
 from kv_compression.budget import Budget
 from kv_compression.policies import Policy
-from kv_compression.runtime import BUFFER, greedy_continuation, teacher_forced
+from kv_compression.runtime import BUFFER, greedy_agreement, teacher_forced
 
 from ..plotting import save_figure, theme
 from . import Item, PerSetting
-from .reasoning import PROBLEMS, prefix_agreement
+from .reasoning import PROBLEMS
 
 REASONING_INSTRUCTION = (
     "Reason about the problem below step by step and at length: restate it in your own words, work out every "
@@ -280,13 +281,7 @@ class LongDecode(PerSetting):
         for start, end, label in bucket_labels(len(generated)):
             row[f"kl_{label}"] = float(kl[start:end].mean())
             row[f"nll_increase_{label}"] = float(nll[start:end].mean())
-        runs = [
-            prefix_agreement(
-                reference.branches[point], greedy_continuation(model, snapshots[point], states[point], self.horizon)
-            )
-            * self.horizon
-            for point in points
-        ]
+        runs = [greedy_agreement(model, snapshots[point], states[point], reference.branches[point]) for point in points]
         row.update(agreement_tokens=float(np.mean(runs)), repeated_4grams_full=reference.repeated)
         return row
 
