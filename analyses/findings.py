@@ -1,12 +1,14 @@
-"""Findings: InfoKV, calibrated and with the paper-style defaults, against the best attention baseline.
+"""Findings: the published InfoKV, the calibrated InfoKV and the learned policy against the best baseline.
 
-Reads the per-item ``results.csv`` of `forward-influence eval` runs. For each task and budget it takes
-the task's main metric (fidelity: NLL increase, lower is better; needle: exact match; reasoning:
-agreement with the full-cache completion before the first divergence, higher is better), finds the
-best attention baseline by its mean (SnapKV, H2O, TOVA, PyramidKV, R-KV, whichever were run), and
-reports each InfoKV variant's mean with its 95% t-interval across items and its paired difference
-from that baseline (same items; the interval of the mean difference). The table is written as
-``findings.csv`` and printed as Markdown.
+Reads the per-item ``results.csv`` of `forward-influence eval` runs. For each task, budget and
+compression interval it takes the task's main metric (fidelity: NLL increase, lower is better;
+needle: exact match; reasoning: agreement with the full-cache completion before the first
+divergence, higher is better; long-decode: teacher-forced KL(full || compressed), lower is better),
+finds the best baseline by its mean (any of `BASELINES` that was run: the attention policies,
+StreamingLLM, Knorm), and reports each of `OURS` with its mean and 95% interval across items
+(`forward_influence.stats.mean_ci`) and its paired difference from that baseline (same items; the
+Student-t interval of the mean difference). The table is written as ``findings.csv`` and printed as
+Markdown.
 
     python -m analyses.findings data/results/smollm2-135m-instruct
 """
@@ -25,27 +27,29 @@ MAIN_METRIC = {
     "fidelity": ("nll_increase", "lower"),
     "needle": ("correct", "higher"),
     "reasoning": ("prefix_agreement", "higher"),
+    "long-decode": ("kl", "lower"),
 }
-ATTENTION = ("snapkv", "h2o", "tova", "pyramidkv", "rkv", "expected-attention", "rpc")
-INFOKV = ("infokv", "infokv-calibrated")
+BASELINES = ("snapkv", "h2o", "tova", "pyramidkv", "rkv", "expected-attention", "rpc", "streaming", "knorm")
+OURS = ("infokv", "infokv-calibrated", "learned")
 
 
 def findings(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, budget, InfoKV variant); see the module docstring."""
+    """One row per (task, budget, buffer, policy of `OURS`); see the module docstring."""
     rows = []
-    for (task, budget), group in results.groupby(["task", "budget"], sort=False):
+    results = results.assign(buffer=results["buffer"] if "buffer" in results else pd.NA)
+    for (task, budget, buffer), group in results.groupby(["task", "budget", "buffer"], sort=False, dropna=False):
         if task not in MAIN_METRIC:
             continue
         metric, better = MAIN_METRIC[task]
         by_policy = {p: g.set_index("item")[metric] for p, g in group.groupby("policy")}
-        baselines = {p: v.mean() for p, v in by_policy.items() if p in ATTENTION}
+        baselines = {p: v.mean() for p, v in by_policy.items() if p in BASELINES}
         if not baselines:
             continue
         best = (min if better == "lower" else max)(baselines, key=baselines.get)
-        for variant in INFOKV:
-            if variant not in by_policy:
+        for policy in OURS:
+            if policy not in by_policy:
                 continue
-            ours, theirs = by_policy[variant], by_policy[best]
+            ours, theirs = by_policy[policy], by_policy[best]
             mean, low, high = mean_ci(ours)
             _, best_low, best_high = mean_ci(theirs)
             difference = mean_ci((ours - theirs.reindex(ours.index)).to_numpy())
@@ -53,13 +57,14 @@ def findings(results: pd.DataFrame) -> pd.DataFrame:
                 dict(
                     task=task,
                     budget=budget,
+                    buffer=buffer,
                     metric=metric,
                     better=better,
-                    infokv=variant,
+                    policy=policy,
                     n_items=len(ours),
-                    infokv_mean=mean,
-                    infokv_ci_low=low,
-                    infokv_ci_high=high,
+                    policy_mean=mean,
+                    policy_ci_low=low,
+                    policy_ci_high=high,
                     baseline=best,
                     baseline_mean=baselines[best],
                     baseline_ci_low=best_low,
@@ -69,23 +74,22 @@ def findings(results: pd.DataFrame) -> pd.DataFrame:
                     difference_ci_high=difference[2],
                 )
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).dropna(axis="columns", how="all")
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The findings as a Markdown table (difference = InfoKV - baseline; its sign says who wins)."""
+    """The findings as a Markdown table (difference = policy - baseline; its sign says who wins)."""
 
     def ci(row, prefix):
         return f"{row[f'{prefix}_mean']:.3f} [{row[f'{prefix}_ci_low']:.3f}, {row[f'{prefix}_ci_high']:.3f}]"
 
     lines = [
-        "| task (metric, better) | budget | InfoKV variant | InfoKV | best attention baseline | "
-        "InfoKV - baseline (paired) |",
+        "| task (metric, better) | budget | policy | mean [95% CI] | best baseline | policy - baseline (paired) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for _, row in table.iterrows():
         lines.append(
-            f"| {row.task} ({row.metric}, {row.better}) | {row.budget} | {row.infokv} | {ci(row, 'infokv')} | "
+            f"| {row.task} ({row.metric}, {row.better}) | {row.budget} | {row.policy} | {ci(row, 'policy')} | "
             f"{row.baseline} {ci(row, 'baseline')} | {ci(row, 'difference')} |"
         )
     return "\n".join(lines)
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: no results.csv under {args.folder}")
     table = findings(pd.concat([pd.read_csv(f, dtype={"budget": str}) for f in files], ignore_index=True))
     if table.empty:
-        raise SystemExit(f"error: no InfoKV and attention-baseline rows in {args.folder}")
+        raise SystemExit(f"error: no rows of {', '.join(OURS)} and a baseline in {args.folder}")
     write_table(table, args.folder / "findings.csv")
     print(markdown(table))
     print(args.folder / "findings.csv")

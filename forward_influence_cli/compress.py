@@ -94,15 +94,17 @@ def policies(args: argparse.Namespace) -> None:
     from kv_compression.names import CALIBRATED
     from kv_compression.policies import POLICIES
 
+    kvpress = "kvpress:CLASS"
+    width = max(map(len, [*POLICIES, CALIBRATED, kvpress]))
     for name, cls in POLICIES.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
         offline = "" if cls.online else " [offline only: measurement, never generate]"
-        print(f"{name:<10} {doc}{offline}")
-        print(f"{'':<10} fields: {fields or '(none)'}")
-    print(f"{CALIBRATED:<10} InfoKV with the settings `forward-influence calibrate` chose for --model")
+        print(f"{name:<{width}} {summary}{offline}")
+        print(f"{'':<{width}} fields: {fields or '(none)'}")
+    print(f"{CALIBRATED:<{width}} InfoKV with the settings `forward-influence calibrate` chose for --model")
     print(
-        f"{'kvpress:CLASS':<10} a kvpress ScorerPress's choice, e.g. kvpress:SnapKVPress:window_size=64 (needs the "
+        f"{kvpress:<{width}} a kvpress ScorerPress's choice, e.g. kvpress:SnapKVPress:window_size=64 (needs the "
         "kvpress extra) [offline only]"
     )
 

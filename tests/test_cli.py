@@ -224,8 +224,12 @@ def test_policies_lists_every_policy(capsys):
         "entropy",
         "evolution",
         "infokv",
+        "learned",
+        "oracle",
         "infokv-calibrated",
+        "kvpress:CLASS",
     ]
+    assert next(line for line in stdout.splitlines() if line.startswith("oracle")).endswith("never generate]")
     infokv = stdout.splitlines()[
         stdout.splitlines().index(next(l for l in stdout.splitlines() if l.startswith("infokv "))) + 1
     ]

@@ -74,7 +74,7 @@ def test_bad_sweeps_are_input_errors_before_any_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_findings_pick_the_best_attention_baseline_and_pair_the_items():
+def test_findings_pick_the_best_baseline_and_pair_the_items():
     from analyses.findings import findings
 
     rows = []
@@ -87,8 +87,8 @@ def test_findings_pick_the_best_attention_baseline_and_pair_the_items():
     row = table.iloc[0]
     assert (
         len(table) == 1 and row.baseline == "h2o"
-    )  # lowest mean NLL increase among attention baselines; random is not one
-    assert row.infokv_mean == pytest.approx(0.2) and row.baseline_mean == pytest.approx(0.25)
+    )  # lowest mean NLL increase among the baselines; random is not one
+    assert row.policy == "infokv" and row.policy_mean == pytest.approx(0.2) and row.baseline_mean == pytest.approx(0.25)
     difference = np.array([0.10 - 0.15, 0.30 - 0.40, 0.20 - 0.20])
     low, high = stats.t.interval(0.95, 2, loc=difference.mean(), scale=stats.sem(difference))
     assert (row.difference_mean, row.difference_ci_low, row.difference_ci_high) == pytest.approx(

@@ -32,4 +32,4 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     assert images, "each notebook shows at least one figure"
     if path.stem == "03_policies_and_budgets":
         last = [c for c in book.cells if c.cell_type == "code"][-1]
-        assert "infokv-default" in str(last.outputs), "the committed findings for the model are shown"
+        assert "infokv-calibrated" in str(last.outputs), "the committed findings for the model are shown"
