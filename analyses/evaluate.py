@@ -34,6 +34,8 @@ from .documents import cache_folder, shard_of
 from .plotting import save_figure, theme
 from .tasks import Task, registry
 
+SIZES = ("prompt_tokens", "generated_tokens")  # tokens per item, for a reader of the summary
+
 
 def run_task(
     task: Task,
@@ -81,12 +83,13 @@ def run_task(
 
 def summarize(results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Mean and 95% interval across items per (task, policy, budget, and buffer when the rows have
-    one), with the reference columns (any numeric column named ``*_full``) averaged."""
+    one), with the item sizes (`SIZES`, where a task records them) and the reference columns (any
+    numeric column named ``*_full``) averaged."""
     keys = ["task", "policy", "budget", *(["buffer"] if "buffer" in results else [])]
-    references = [c for c in results.columns if c.endswith("_full")]
+    averaged = [c for c in SIZES if c in results] + [c for c in results.columns if c.endswith("_full")]
     table = group_ci(results, keys, metrics).rename(columns={"n": "n_items"})
-    means = results.groupby(keys, sort=False)[references].mean().reset_index()
-    return table.merge(means, on=keys)[[*keys, "n_items", *references, *table.columns[len(keys) + 1 :]]]
+    means = results.groupby(keys, sort=False)[averaged].mean().reset_index()
+    return table.merge(means, on=keys)[[*keys, "n_items", *averaged, *table.columns[len(keys) + 1 :]]]
 
 
 def plot_task(results: pd.DataFrame, task: Task, title: str, path: Path, seed: int = 0) -> None:

@@ -85,9 +85,7 @@ def test_findings_pick_the_best_baseline_and_pair_the_items():
             rows.append(dict(task="fidelity", budget="0.25", item=f"i{item}", policy=policy, nll_increase=value))
     table = findings(pd.DataFrame(rows))
     row = table.iloc[0]
-    assert (
-        len(table) == 1 and row.baseline == "h2o"
-    )  # lowest mean NLL increase among the baselines; random is not one
+    assert len(table) == 1 and row.baseline == "h2o"  # lowest mean NLL increase among the baselines; random is not one
     assert row.policy == "infokv" and row.policy_mean == pytest.approx(0.2) and row.baseline_mean == pytest.approx(0.25)
     difference = np.array([0.10 - 0.15, 0.30 - 0.40, 0.20 - 0.20])
     low, high = stats.t.interval(0.95, 2, loc=difference.mean(), scale=stats.sem(difference))

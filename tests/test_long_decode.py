@@ -38,7 +38,8 @@ def test_the_sweep_replays_each_reference_and_writes_position_buckets(tmp_path, 
     assert {"kl_0_47", "nll_increase_0_47"} <= set(results.columns)
     assert np.allclose(results.kl, results.kl_0_47)  # one bucket: 48 generated tokens
     table = pd.read_csv(summary)
-    assert {"buffer", "repeated_4grams_full", "kl_mean"} <= set(table.columns) and (table.n_items == 2).all()
+    assert {"buffer", "generated_tokens", "repeated_4grams_full", "kl_mean"} <= set(table.columns)
+    assert (table.n_items == 2).all()
     assert (tmp_path / "out" / "long-decode.png").is_file()
     stored = [json.loads(line) for line in user_references(loaded.name).read_text().splitlines()]
     assert [len(r["generated_ids"]) for r in stored] == [48, 48]  # generated once, kept for the next run
