@@ -318,13 +318,13 @@ def test_learned_scores_each_token_once_from_its_bands_signals(obs):
     weights = torch.zeros(2, len(SIGNALS))
     weights[0, SIGNALS.index("attention_cumulative")] = 1.0  # band 1 (layers 0-1): H2O's rank
     weights[1, SIGNALS.index("key_norm")] = -1.0  # band 2 (layers 2-3): Knorm's rank
-    policy = Learned(bands=2, weights=tuple(weights.flatten().tolist()), intercept=0.5, window=4, recent=4)
+    policy = Learned(bands=2, weights=tuple(weights.flatten().tolist()), intercept=0.5, window=4, sinks=2, recent=4)
     features = token_signals(obs, 4)[0]  # [layers, tokens, signals], ranks averaged over the KV heads
     expected = 0.5 + features[:2, :, 1].mean(dim=0) - features[2:, :, SIGNALS.index("key_norm")].mean(dim=0)
     for layer in range(4):  # one score per token, the same in every layer and head
         scores = policy.score(obs, layer)
-        assert torch.allclose(scores[..., :-4], expected[:-4].expand(1, 2, -1), atol=1e-6)
-        assert torch.isinf(scores[..., -4:]).all()
+        assert torch.allclose(scores[..., 2:-4], expected[2:-4].expand(1, 2, -1), atol=1e-6)
+        assert torch.isinf(scores[..., :2]).all() and torch.isinf(scores[..., -4:]).all()
     derived = len(obs.derived)
     policy.score(obs, 1)
     assert len(obs.derived) == derived  # derived once for all layers

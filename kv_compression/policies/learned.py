@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forward_influence.defaults import WINDOW
+from forward_influence.defaults import SINKS, WINDOW
 from forward_influence.errors import InputError
 from forward_influence.observation import Observation, Reads
 
@@ -114,9 +114,12 @@ class Learned(Policy):
     ridge regression of each token's rank of far Forward Influence (mean KL at distances 33-64, the
     token evicted alone at the compression time) on its features, fitted on the calibration essays only
     (`analyses.learned`), read by the CLI name ``learned``. The score is the token's, so every layer and
-    KV head keeps the same tokens (whose signals then stay comparable across heads); the newest `recent`
-    tokens (whose window attention is their own) are always kept. Scores: [batch, kv_heads, tokens];
-    higher means keep.
+    KV head keeps the same tokens (whose signals then stay comparable across heads). The first `sinks`
+    tokens are always kept, as random and StreamingLLM keep them: a linear score of ranks cannot single
+    out one outlier, and Gemma's `<bos>`, the most influential token of every calibration essay, ranks
+    only 163rd of 1024 by the fitted score on an evaluation essay. The newest `recent` tokens (whose
+    window attention is their own) are always kept too. Scores:
+    [batch, kv_heads, tokens]; higher means keep.
     """
 
     name = "learned"
@@ -124,6 +127,7 @@ class Learned(Policy):
     weights: tuple[float, ...] = ()
     intercept: float = 0.0
     window: Count = WINDOW
+    sinks: int = SINKS
     recent: int = WINDOW
 
     def __post_init__(self) -> None:
@@ -159,4 +163,4 @@ class Learned(Policy):
         return obs.derived[key]
 
     def score(self, obs: Observation, layer: int) -> torch.Tensor:
-        return protect(obs.per_token(layer, self.token_score(obs)), recent=self.recent)
+        return protect(obs.per_token(layer, self.token_score(obs)), self.sinks, self.recent)
