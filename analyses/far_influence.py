@@ -23,6 +23,7 @@ after the prefix (no policy is tuned on these numbers), each cut at the model's 
 Each essay is cached under ``<out>/cache/<model>/far_influence/`` (resumable) with the seconds it took.
 
     python -m analyses.far_influence --model smollm2-135m-instruct --out runs/far/smollm2
+    python -m analyses.far_influence --model gemma-3-270m --essays worked,popular --out runs/far/gemma
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from matplotlib import pyplot as plt
 
 from forward_influence import corpus
 from forward_influence.defaults import SINKS
+from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
 from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -164,12 +166,23 @@ def run(
     traces: Sequence[Trace] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    essays: Sequence[str] | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Measure every long essay (cached) and write the tables and the figure to `out`."""
+    """Measure every long essay, or the named `essays` among them (cached), and write the tables and
+    the figure to `out`."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     tracer = Tracer(loaded)
     context = loaded.model.config.get_text_config(decoder=True).max_position_embeddings
     traces = traces or long_essays(loaded.tokenizer, context, prefix, min_suffix)
+    if essays:
+        known = {trace.id.removeprefix("essay:"): trace for trace in traces}
+        unknown = [name for name in essays if name not in known]
+        if unknown:
+            raise InputError(
+                f"--essays: {', '.join(unknown)} not among the essays with {prefix + min_suffix}+ tokens "
+                f"({', '.join(known)})"
+            )
+        traces = [known[name] for name in essays]
     t = prefix - 1
     key = dict(selections=list(SELECTIONS), fraction=fraction, t=t, seed=seed, infokv=repr(parse(INFOKV, quiet=True)))
     frame = per_document(
@@ -212,14 +225,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="query positions per pass (memory; default 1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/far_influence"))
+    parser.add_argument(
+        "--essays",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=None,
+        help="comma-separated essay names: measure only these (default: every essay long enough)",
+    )
     add_shard_option(parser)
     args = parser.parse_args(argv)
-    tables = run(
-        args.model, args.out, args.fraction, args.prefix, args.min_suffix, args.chunk, args.seed, shard=args.shard
-    )
+    try:
+        tables = run(
+            args.model,
+            args.out,
+            args.fraction,
+            args.prefix,
+            args.min_suffix,
+            args.chunk,
+            args.seed,
+            shard=args.shard,
+            essays=args.essays,
+        )
+    except InputError as error:
+        parser.error(str(error))
     if tables:
         print(tables["far_influence_paired"].to_string(index=False, float_format="{:.3g}".format))
-    print(args.out / "far_influence.csv")
+        print(args.out / "far_influence.csv")
+    else:
+        print(cache_folder(args.out, args.model) / "far_influence")
 
 
 if __name__ == "__main__":

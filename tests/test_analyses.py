@@ -273,6 +273,13 @@ def test_far_influence_averages_chunks_per_essay_then_across_essays(tmp_path):
     row = paired[(paired.against == "attention_h2o") & (paired.chunk_start == 129)].iloc[0]
     assert row.difference_mean == pytest.approx((wide.entropy_generated - wide.attention_h2o).mean())
     assert (tmp_path / "far_influence.png").is_file()
+    model = tiny_model("llama")  # the named essays only, read back from the cache
+    chosen = far_influence.run(model, tmp_path, prefix=100, chunk=37, traces=traces, progress=False, essays=["d2"])
+    pd.testing.assert_frame_equal(
+        chosen["far_influence_per_document"], frame[frame.document == "d2"].reset_index(drop=True)
+    )
+    with pytest.raises(InputError, match="--essays: d9 not among the essays with 2148"):
+        far_influence.run(model, tmp_path, prefix=100, chunk=37, traces=traces, progress=False, essays=["d9"])
 
 
 def test_headroom_places_each_policy_between_random_and_the_oracle():
