@@ -4,7 +4,6 @@ no traceback, and nothing left behind. Checks that need no model run before it l
 from __future__ import annotations
 
 import io
-import pickle
 
 import pytest
 import torch
@@ -159,15 +158,12 @@ def test_a_crafted_cache_file_is_refused_and_a_pickle_never_runs(files, tmp_path
     from forward_influence.traces import Trace
 
     marker = tmp_path / "payload-ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
+    # A protocol-0 pickle, written by hand: unpickling it would call builtins.open(marker, "w").
+    payload = f"cbuiltins\nopen\n(V{marker}\nVw\ntR.".encode()
     folder = tmp_path / "cache"
     folder.mkdir()
-    (folder / "essay_d0.pkl").write_bytes(pickle.dumps(Payload()))  # the old cache format: never read
-    (folder / "essay_d0.parquet").write_bytes(pickle.dumps(Payload()))  # a crafted file at the cache path
+    (folder / "essay_d0.pkl").write_bytes(payload)  # the old cache format: never read
+    (folder / "essay_d0.parquet").write_bytes(payload)  # a crafted file at the cache path
     with pytest.raises(InputError, match=r"essay_d0.parquet is not a cache file this toolkit wrote"):
         per_document([Trace("essay:d0", [1, 2, 3])], lambda t: pd.DataFrame({"x": [1]}), folder, {"k": 1})
     assert not marker.exists()
