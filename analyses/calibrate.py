@@ -17,6 +17,7 @@ calibration file that ``infokv-calibrated`` reads (`kv_compression.tuned`).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from collections.abc import Sequence
@@ -26,11 +27,11 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from forward_influence.models import LoadedModel
+from forward_influence.models import DEFAULT_MODEL, LoadedModel
 from forward_influence.outputs import atomic_open
 from forward_influence.tracer import Tracer
 from kv_compression.policies import InfoKV
-from kv_compression.tuned import file_name, user_folder
+from kv_compression.tuned import file_name, read, user_folder
 
 from .documents import essay_segments
 from .tasks.fidelity import fidelity_rows
@@ -119,11 +120,6 @@ def option_effects(result: dict) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m analyses.calibrate [MODEL]``: the chosen settings and each option's marginal effect."""
-    import argparse
-
-    from forward_influence.models import DEFAULT_MODEL
-    from kv_compression.tuned import read
-
     parser = argparse.ArgumentParser(description="show a calibration file: the chosen settings and option effects")
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)

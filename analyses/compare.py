@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib import pyplot as plt
+from tqdm.auto import tqdm
 
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
@@ -140,8 +141,6 @@ def compare(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, per-document rows); with `out`, writes ``compare.csv``, ``compare_per_document.csv`` and
     ``compare.png/.svg`` there."""
-    from tqdm.auto import tqdm
-
     for trace in traces:  # bad input fails before any work
         eviction_time(trace, evict_at)
     frame = pd.concat(

@@ -53,6 +53,7 @@ from kv_compression.names import parse
 from kv_compression.offline import observation
 from kv_compression.policies import Learned
 from kv_compression.policies.learned import SIGNALS, band, token_signals
+from kv_compression.tuned import read
 
 from . import cache
 from .documents import cache_folder, essay_segments
@@ -271,8 +272,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=int, default=16, help="evaluation documents (default 16)")
     parser.add_argument("--out", type=Path, default=Path("runs/learned"))
     args = parser.parse_args(argv)
-    from kv_compression.tuned import read
-
     loaded = load_model(args.model)
     tables = ranking(loaded, args.docs, args.out)
     found = read(loaded.name, "learned")
