@@ -21,6 +21,7 @@ against the learned one; `plot_weights` draws which signals matter in which band
 
     forward-influence learn --model smollm2-135m-instruct --docs 8
     python -m analyses.learned --model smollm2-135m-instruct --docs 16 --out data/results/smollm2-135m-instruct/learned
+    python -m analyses.learned --model gemma-3-270m --weights-only --out data/results/gemma-3-270m/learned
 """
 
 from __future__ import annotations
@@ -263,6 +264,7 @@ def plot_weights(content: dict, path: Path) -> list[Path]:
         fontsize=10,
     )
     ax.tick_params(axis="x", rotation=40)
+    ax.tick_params(axis="y", rotation=0)
     return save_figure(fig, path)
 
 
@@ -271,7 +273,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--docs", type=int, default=16, help="evaluation documents (default 16)")
     parser.add_argument("--out", type=Path, default=Path("runs/learned"))
+    parser.add_argument(
+        "--weights-only", action="store_true", help="draw the model's learned weights and stop (no scans, no model)"
+    )
     args = parser.parse_args(argv)
+    if args.weights_only:
+        found = read(args.model, "learned")
+        if found is None:
+            parser.exit(2, f"error: --model: no learned weights for {args.model!r}; run `forward-influence learn`\n")
+        for path in plot_weights(found[0], args.out / "learned_weights"):
+            print(path)
+        return
     loaded = load_model(args.model)
     tables = ranking(loaded, args.docs, args.out)
     found = read(loaded.name, "learned")

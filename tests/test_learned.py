@@ -55,3 +55,17 @@ def test_training_writes_weights_the_cli_name_reads(documents, tmp_path, monkeyp
     assert policy.weights == tuple(content["weights"]) and policy.bands == content["bands"]
     scans = list((tmp_path / "cache" / "tiny-llama" / "scans" / "calibration").glob("*.parquet"))
     assert len(scans) == 3  # one cached measurement per document: a rerun resumes
+
+
+def test_weights_only_draws_the_packaged_weights_without_a_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FORWARD_INFLUENCE_HOME", str(tmp_path))  # no user file: the packaged one is drawn
+    learned.main(["--model", "gemma-3-270m", "--weights-only", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.split() == [
+        str(tmp_path / "learned_weights.png"),
+        str(tmp_path / "learned_weights.svg"),
+    ]
+    assert (tmp_path / "learned_weights.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as exit_:
+        learned.main(["--model", "no-such-model", "--weights-only", "--out", str(tmp_path / "none")])
+    assert exit_.value.code == 2 and not (tmp_path / "none").exists()
+    assert "--model: no learned weights for 'no-such-model'" in capsys.readouterr().err
