@@ -39,8 +39,7 @@ from kv_compression.offline import observation
 from kv_compression.policies import Oracle
 
 from . import cache
-from .documents import cache_folder
-from .learned import DISTANCE, PREFIX, influence_scan
+from .learned import DISTANCE, PREFIX, evaluation_scans, influence_scan
 from .tasks.fidelity import Fidelity, fidelity_rows
 
 FLOOR, CEILING = "random", "oracle"
@@ -49,7 +48,7 @@ FLOOR, CEILING = "random", "oracle"
 def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, progress: bool = True) -> pd.DataFrame:
     """Fidelity rows of the oracle and the interaction measurement, per document and budget."""
     tracer, task = Tracer(loaded), Fidelity()
-    folder = cache_folder(out, loaded.name) / "scans" / "evaluation"
+    folder = evaluation_scans(out, loaded.name)
     oracle = Oracle(distance=DISTANCE)
     rows = []
     for item in tqdm(task.items(loaded.tokenizer, docs), desc="headroom", disable=not progress):

@@ -17,10 +17,14 @@ the choice and every cross-validated number go to ``learned/<model>.json``.
 
 Evaluation (`ranking`): the same Spearman correlation on evaluation documents for the learned policy,
 H2O, SnapKV, InfoKV (published and calibrated) and Expected Attention, per document and paired
-against the learned one; `plot_weights` draws which signals matter in which band of layers.
+against the learned one; `plot_weights` draws which signals matter in which band of layers. The
+evaluation scans are the costly part (about 10 CPU minutes a document on SmolLM2, 20 on Gemma):
+``--shard I/N`` measures every N-th from the I-th into the cache (`fill_scans`) and writes no table,
+and `analyses.headroom` reads the same scans.
 
     forward-influence learn --model smollm2-135m-instruct --docs 8
     python -m analyses.learned --model smollm2-135m-instruct --docs 16 --out data/results/smollm2-135m-instruct/learned
+    python -m analyses.learned --model gemma-3-270m --docs 16 --out runs/learned/gemma --shard 0/2
     python -m analyses.learned --model gemma-3-270m --weights-only --out data/results/gemma-3-270m/learned
 """
 
@@ -57,7 +61,7 @@ from kv_compression.policies.learned import SIGNALS, band, token_signals
 from kv_compression.tuned import read
 
 from . import cache
-from .documents import cache_folder, essay_segments
+from .documents import add_shard_option, cache_folder, essay_segments, shard_of
 from .plotting import save_figure, theme
 
 PREFIX, DISTANCE = 1024, 64
@@ -186,19 +190,53 @@ def train(
     return content
 
 
+def evaluation_scans(out: Path, model: str) -> Path:
+    """Where the evaluation documents' scans are cached (`analyses.headroom` reads the same ones)."""
+    return cache_folder(out, model) / "scans" / "evaluation"
+
+
+def evaluation_documents(tokenizer, docs: int) -> list[Trace]:
+    """The `docs` evaluation documents: `PREFIX` tokens and the fidelity task's 256 after them."""
+    return essay_segments(tokenizer, docs, PREFIX + 256)
+
+
+def fill_scans(
+    loaded: LoadedModel,
+    documents: Sequence[Trace],
+    out: Path,
+    shard: tuple[int, int],
+    progress: bool = True,
+    prefix: int = PREFIX,
+    distance: int = DISTANCE,
+) -> Path:
+    """Measure the scans of shard ``(i, n)`` of `documents` into the cache and write no table (array
+    jobs: a run without a shard then reads them all); the cache folder."""
+    tracer, folder = Tracer(loaded), evaluation_scans(out, loaded.name)
+    for trace in tqdm(shard_of(documents, shard), desc="scans", unit="doc", disable=not progress):
+        influence_scan(tracer, trace.token_ids, folder / cache.file_name(trace.id), prefix, distance)
+    return folder
+
+
 def ranking(
-    loaded: LoadedModel, docs: int, out: Path, policies: Sequence[str] = RANKED, progress: bool = True
+    loaded: LoadedModel,
+    documents: Sequence[Trace],
+    out: Path,
+    policies: Sequence[str] = RANKED,
+    progress: bool = True,
+    prefix: int = PREFIX,
+    distance: int = DISTANCE,
 ) -> dict[str, pd.DataFrame]:
-    """Spearman of each policy's token score with ``fi_far`` on evaluation documents, per document,
-    summarised, and paired against the learned policy (``learned_spearman*.csv``)."""
+    """Spearman of each policy's token score with ``fi_far`` on `documents` (the first `prefix`
+    tokens scored at t = prefix - 1), per document, summarised, and paired against the learned policy
+    (``learned_spearman*.csv``)."""
     tracer = Tracer(loaded)
     built = {name: parse(name, loaded.name, quiet=True) for name in policies}
-    folder = cache_folder(out, loaded.name) / "scans" / "evaluation"
+    folder = evaluation_scans(out, loaded.name)
     rows = []
-    for trace in tqdm(essay_segments(loaded.tokenizer, docs, PREFIX + 256), desc="ranking", disable=not progress):
-        target = far_influence(influence_scan(tracer, trace.token_ids, folder / cache.file_name(trace.id)))
-        ids = trace.token_ids[:PREFIX]
-        obs = observation(tracer, ids, list(built.values()))
+    for trace in tqdm(documents, desc="ranking", unit="doc", disable=not progress):
+        scan = influence_scan(tracer, trace.token_ids, folder / cache.file_name(trace.id), prefix, distance)
+        target = far_influence(scan)
+        obs = observation(tracer, trace.token_ids[:prefix], list(built.values()))
         for name, policy in built.items():
             scores = torch.stack([s[0] for s in layer_scores(policy, obs) if s is not None]).float()
             token = torch.where(torch.isfinite(scores), scores, torch.nan).nanmean(dim=(0, 1)).cpu().numpy()
@@ -276,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--weights-only", action="store_true", help="draw the model's learned weights and stop (no scans, no model)"
     )
+    add_shard_option(parser)
     args = parser.parse_args(argv)
     if args.weights_only:
         found = read(args.model, "learned")
@@ -285,7 +324,11 @@ def main(argv: list[str] | None = None) -> None:
             print(path)
         return
     loaded = load_model(args.model)
-    tables = ranking(loaded, args.docs, args.out)
+    documents = evaluation_documents(loaded.tokenizer, args.docs)
+    if args.shard is not None:
+        print(fill_scans(loaded, documents, args.out, args.shard))
+        return
+    tables = ranking(loaded, documents, args.out)
     found = read(loaded.name, "learned")
     if found is not None:
         plot_weights(found[0], args.out / "learned_weights")

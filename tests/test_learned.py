@@ -69,3 +69,33 @@ def test_weights_only_draws_the_packaged_weights_without_a_model(tmp_path, monke
         learned.main(["--model", "no-such-model", "--weights-only", "--out", str(tmp_path / "none")])
     assert exit_.value.code == 2 and not (tmp_path / "none").exists()
     assert "--model: no learned weights for 'no-such-model'" in capsys.readouterr().err
+
+
+def test_ranking_reads_the_scans_shards_filled_and_pairs_every_policy_with_learned(documents, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARD_INFLUENCE_HOME", str(tmp_path))
+    loaded = tiny_model("llama")
+    learned.train(
+        loaded, 3, tmp_path / "learned" / "tiny-llama.json", tmp_path, False, documents, prefix=100, distance=40
+    )
+    out = tmp_path / "eval"
+    folder = learned.fill_scans(loaded, documents, out, (0, 2), progress=False, prefix=100, distance=40)
+    assert sorted(p.name for p in folder.iterdir()) == ["d0.parquet", "d2.parquet"] and not list(out.glob("*.csv"))
+    learned.fill_scans(loaded, documents, out, (1, 2), progress=False, prefix=100, distance=40)
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("ranking measured a scan the shards had cached")
+
+    monkeypatch.setattr(learned, "scan_at", no_scan)
+    policies = ("learned", "h2o", "snapkv")
+    tables = learned.ranking(loaded, documents, out, policies, progress=False, prefix=100, distance=40)
+    frame = tables["per_document"]
+    assert len(frame) == 9 and frame.spearman.between(-1, 1).all()
+    assert set(tables["summary"].policy) == set(policies) and (tables["summary"].n_documents == 3).all()
+    wide = frame.pivot(index="document", columns="policy", values="spearman")
+    paired = tables["paired"].set_index("against")
+    assert sorted(paired.index) == ["h2o", "snapkv"] and (paired.n_documents == 3).all()
+    for other in ("h2o", "snapkv"):
+        assert paired.loc[other, "difference_mean"] == pytest.approx((wide["learned"] - wide[other]).mean())
+    assert {"learned_spearman.csv", "learned_spearman_paired.csv", "learned_spearman_per_document.csv"} <= {
+        p.name for p in out.iterdir()
+    }
