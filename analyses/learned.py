@@ -63,6 +63,7 @@ from kv_compression.tuned import read
 from . import cache
 from .documents import add_shard_option, cache_folder, essay_segments, shard_of
 from .plotting import save_figure, theme
+from .tasks.fidelity import Fidelity
 
 PREFIX, DISTANCE = 1024, 64
 ALPHAS = (1.0, 10.0, 100.0, 1000.0)
@@ -196,8 +197,9 @@ def evaluation_scans(out: Path, model: str) -> Path:
 
 
 def evaluation_documents(tokenizer, docs: int) -> list[Trace]:
-    """The `docs` evaluation documents: `PREFIX` tokens and the fidelity task's 256 after them."""
-    return essay_segments(tokenizer, docs, PREFIX + 256)
+    """The `docs` evaluation documents: `PREFIX` tokens and the fidelity task's continuation after them, so
+    the scans are those of the fidelity task's items (`analyses.headroom` reads both)."""
+    return essay_segments(tokenizer, docs, PREFIX + Fidelity.continuation)
 
 
 def fill_scans(
