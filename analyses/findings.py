@@ -7,8 +7,10 @@ divergence, higher is better; long-decode: teacher-forced KL(full || compressed)
 finds the best baseline by its mean (any of `BASELINES` that was run: the attention policies,
 StreamingLLM, Knorm), and reports each of `OURS` with its mean and 95% interval across items
 (`forward_influence.stats.mean_ci`) and its paired difference from that baseline (same items; the
-Student-t interval of the mean difference). The table is written as ``findings.csv`` and printed as
-Markdown.
+Student-t interval of the mean difference). Long decoding is also compared bucket by bucket of
+generated positions (``kl_0_511``, ``kl_512_1023``, ...: `BY_POSITION`), each bucket against its
+own best baseline, so a reader sees from which generated length on the policies separate. The
+table is written as ``findings.csv`` and printed as Markdown.
 
     python -m analyses.findings data/results/smollm2-135m-instruct
 """
@@ -16,6 +18,7 @@ Markdown.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +34,14 @@ MAIN_METRIC = {
 }
 BASELINES = ("snapkv", "h2o", "tova", "pyramidkv", "rkv", "expected-attention", "rpc", "streaming", "knorm")
 OURS = ("infokv", "infokv-calibrated", "learned")
+BY_POSITION = {"long-decode": re.compile(r"kl_(\d+)_\d+")}  # the main metric per bucket of generated positions
+
+
+def compared_metrics(task: str, group: pd.DataFrame) -> list[str]:
+    """The task's main metric, then its per-position metrics (`BY_POSITION`) that `group` holds, in order."""
+    pattern = BY_POSITION.get(task)
+    buckets = [] if pattern is None else [c for c in group if pattern.fullmatch(c) and group[c].notna().any()]
+    return [MAIN_METRIC[task][0], *sorted(buckets, key=lambda c: int(pattern.fullmatch(c)[1]))]
 
 
 def findings(results: pd.DataFrame) -> pd.DataFrame:
@@ -40,40 +51,41 @@ def findings(results: pd.DataFrame) -> pd.DataFrame:
     for (task, budget, buffer), group in results.groupby(["task", "budget", "buffer"], sort=False, dropna=False):
         if task not in MAIN_METRIC:
             continue
-        metric, better = MAIN_METRIC[task]
-        by_policy = {p: g.set_index("item")[metric] for p, g in group.groupby("policy")}
-        baselines = {p: v.mean() for p, v in by_policy.items() if p in BASELINES}
-        if not baselines:
-            continue
-        best = (min if better == "lower" else max)(baselines, key=baselines.get)
-        for policy in OURS:
-            if policy not in by_policy:
+        better = MAIN_METRIC[task][1]
+        for metric in compared_metrics(task, group):
+            by_policy = {p: g.set_index("item")[metric] for p, g in group.groupby("policy")}
+            baselines = {p: v.mean() for p, v in by_policy.items() if p in BASELINES}
+            if not baselines:
                 continue
-            ours, theirs = by_policy[policy], by_policy[best]
-            mean, low, high = mean_ci(ours)
-            _, best_low, best_high = mean_ci(theirs)
-            difference = mean_ci((ours - theirs.reindex(ours.index)).to_numpy())
-            rows.append(
-                dict(
-                    task=task,
-                    budget=budget,
-                    buffer=buffer,
-                    metric=metric,
-                    better=better,
-                    policy=policy,
-                    n_items=len(ours),
-                    policy_mean=mean,
-                    policy_ci_low=low,
-                    policy_ci_high=high,
-                    baseline=best,
-                    baseline_mean=baselines[best],
-                    baseline_ci_low=best_low,
-                    baseline_ci_high=best_high,
-                    difference_mean=difference[0],
-                    difference_ci_low=difference[1],
-                    difference_ci_high=difference[2],
+            best = (min if better == "lower" else max)(baselines, key=baselines.get)
+            for policy in OURS:
+                if policy not in by_policy:
+                    continue
+                ours, theirs = by_policy[policy], by_policy[best]
+                mean, low, high = mean_ci(ours)
+                _, best_low, best_high = mean_ci(theirs)
+                difference = mean_ci((ours - theirs.reindex(ours.index)).to_numpy())
+                rows.append(
+                    dict(
+                        task=task,
+                        budget=budget,
+                        buffer=buffer,
+                        metric=metric,
+                        better=better,
+                        policy=policy,
+                        n_items=len(ours),
+                        policy_mean=mean,
+                        policy_ci_low=low,
+                        policy_ci_high=high,
+                        baseline=best,
+                        baseline_mean=baselines[best],
+                        baseline_ci_low=best_low,
+                        baseline_ci_high=best_high,
+                        difference_mean=difference[0],
+                        difference_ci_low=difference[1],
+                        difference_ci_high=difference[2],
+                    )
                 )
-            )
     return pd.DataFrame(rows).dropna(axis="columns", how="all")
 
 

@@ -94,6 +94,27 @@ def test_findings_pick_the_best_baseline_and_pair_the_items():
     )
 
 
+def test_findings_compare_long_decoding_bucket_by_bucket_each_against_its_best_baseline():
+    from analyses.findings import findings
+
+    # per item and policy: (kl over the whole generation, kl of positions 0-511, kl of 512-1023)
+    values = {
+        "infokv": [(0.20, 0.10, 0.30), (0.22, 0.12, 0.32)],
+        "h2o": [(0.15, 0.20, 0.10), (0.17, 0.22, 0.12)],
+        "snapkv": [(0.30, 0.05, 0.55), (0.32, 0.07, 0.57)],
+    }
+    rows = [
+        dict(task="long-decode", budget="256", buffer=128, item=f"i{i}", policy=p, kl=kl, kl_0_511=a, kl_512_1023=b)
+        for p, per_item in values.items()
+        for i, (kl, a, b) in enumerate(per_item)
+    ]
+    table = findings(pd.DataFrame(rows).sample(frac=1, random_state=0, axis="columns"))
+    assert list(table.metric) == ["kl", "kl_0_511", "kl_512_1023"]  # the whole generation first, then by position
+    assert list(table.baseline) == ["h2o", "snapkv", "h2o"]  # each bucket's own best baseline
+    assert table.difference_mean.to_numpy() == pytest.approx([0.05, 0.05, 0.20])
+    assert (table.policy == "infokv").all() and (table.n_items == 2).all()
+
+
 def test_shards_fill_one_cache_that_a_plain_run_merges_into_the_same_tables(tmp_path):
     loaded = tiny_model("llama")
     whole = evaluate(loaded, [SmallFidelity()], ["snapkv", "random"], ["0.5"], 3, tmp_path / "whole")
