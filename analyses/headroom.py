@@ -12,7 +12,8 @@ scans behind the learned policy's evaluation serve here too). On the same docume
 - ``interaction.csv``: per budget, the KL of evicting the oracle's whole evicted set (mean over the 64
   positions after t) against the sum of its tokens' single-token KLs: a ratio of 1 would make
   per-token scores additive, so the oracle a bound for sets too; the measured ratio says how far
-  they are from it.
+  they are from it;
+- ``headroom.png``: the places with their intervals, one row per policy, a colour per budget.
 
     python -m analyses.headroom data/results/smollm2-135m-instruct/fidelity/results.csv --docs 16
 """
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
 import torch
+from matplotlib import pyplot as plt
 from scipy import stats
 from tqdm.auto import tqdm
 
@@ -40,6 +43,7 @@ from kv_compression.policies import Oracle
 
 from . import cache
 from .learned import DISTANCE, PREFIX, evaluation_scans, influence_scan
+from .plotting import save_figure, theme
 from .tasks.fidelity import Fidelity, fidelity_rows
 
 FLOOR, CEILING = "random", "oracle"
@@ -123,6 +127,29 @@ def interaction(oracle: pd.DataFrame) -> pd.DataFrame:
     return group_ci(frame, ["budget"], ["set_kl", "summed_single_kl", "ratio"]).rename(columns={"n": "n_documents"})
 
 
+def plot_headroom(table: pd.DataFrame, title: str, path: Path) -> list[Path]:
+    """The `headroom` table as a dot plot: each policy's place with its 95% interval, one row per policy
+    (best first by the mean over budgets), a colour per budget; random and the oracle mark 0 and 1."""
+    theme()
+    order = table.groupby("policy").place.mean().sort_values(ascending=False).index
+    budgets = sorted(table.budget.unique(), key=float)
+    fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.42 * len(order)), layout="constrained")
+    offsets = (np.arange(len(budgets)) - (len(budgets) - 1) / 2) * 0.8 / max(len(budgets), 1)
+    for budget, offset, colour in zip(budgets, offsets, sns.color_palette(n_colors=len(budgets))):
+        rows = table[table.budget == budget].set_index("policy").reindex(order)
+        errors = [rows.place - rows.place_ci_low, rows.place_ci_high - rows.place]
+        y = np.arange(len(order)) + offset
+        ax.errorbar(rows.place, y, xerr=errors, fmt="o", capsize=2, color=colour, label=f"budget {budget}")
+    for anchor in (0, 1):
+        ax.axvline(anchor, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_yticks(np.arange(len(order)), order)
+    ax.invert_yaxis()
+    ax.set_xlabel("place between random (0) and the oracle (1), on the fidelity NLL increase")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="the results.csv of `forward-influence eval --task fidelity`")
@@ -130,13 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=int, default=16, help="fidelity documents with the oracle (default 16)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: next to the results)")
     args = parser.parse_args(argv)
+    if not args.results.is_file():
+        parser.error(f"results: no such file: {args.results}")
     out = args.out or args.results.parent
     results = pd.read_csv(args.results, dtype={"budget": str})
     oracle = oracle_rows(load_model(args.model), args.docs, sorted(results.budget.unique()), out)
+    table = headroom(results, oracle)
     write_table(oracle, out / "oracle.csv")
-    write_table(headroom(results, oracle), out / "headroom.csv")
+    write_table(table, out / "headroom.csv")
     write_table(interaction(oracle), out / "interaction.csv")
-    print(headroom(results, oracle).to_string(index=False, float_format="{:.3f}".format))
+    plot_headroom(table, f"{args.model}: headroom on {oracle.item.nunique()} fidelity documents", out / "headroom")
+    print(table.to_string(index=False, float_format="{:.3f}".format))
     print(out / "headroom.csv")
 
 

@@ -282,8 +282,8 @@ def test_far_influence_averages_chunks_per_essay_then_across_essays(tmp_path):
         far_influence.run(model, tmp_path, prefix=100, chunk=37, traces=traces, progress=False, essays=["d9"])
 
 
-def test_headroom_places_each_policy_between_random_and_the_oracle():
-    from analyses.headroom import headroom, interaction
+def test_headroom_places_each_policy_between_random_and_the_oracle(tmp_path):
+    from analyses.headroom import headroom, interaction, plot_headroom
 
     rows = [
         dict(task="fidelity", item=f"d{i}", policy=p, budget="0.25", nll_increase=v)
@@ -301,3 +301,14 @@ def test_headroom_places_each_policy_between_random_and_the_oracle():
     assert table.loc["snapkv", "place"] == pytest.approx((0.5 - 0.38333333) / (0.5 - 0.15))  # means over the documents
     assert table.loc["h2o", "place_ci_low"] <= table.loc["h2o", "place"] <= table.loc["h2o", "place_ci_high"]
     assert interaction(oracle).ratio_mean.item() == pytest.approx(0.5)  # the set costs half its tokens' sum here
+    drawn = plot_headroom(table.reset_index(), "headroom", tmp_path / "headroom")
+    assert [p.name for p in drawn] == ["headroom.png", "headroom.svg"] and all(p.stat().st_size for p in drawn)
+
+
+def test_headroom_names_a_missing_results_file_in_one_line(tmp_path, capsys):
+    from analyses.headroom import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([str(tmp_path / "results.csv")])
+    assert exit.value.code == 2
+    assert f"results: no such file: {tmp_path / 'results.csv'}" in capsys.readouterr().err
