@@ -10,9 +10,9 @@ scans behind the learned policy's evaluation serve here too). On the same docume
   fidelity NLL increase, ``(random - policy) / (random - oracle)`` of the means over documents, with a
   95% percentile-bootstrap interval over documents, beside the oracle's own NLL increase;
 - ``interaction.csv``: per budget, the KL of evicting the oracle's whole evicted set (mean over the 64
-  positions after t) against the sum of its tokens' single-token KLs: a ratio of 1 would make
-  per-token scores additive, so the oracle a bound for sets too; the measured ratio says how far
-  they are from it;
+  positions after t) against the sum of its tokens' single-token KLs, and the ratio of their means
+  over documents: a ratio of 1 would make per-token scores additive, so the oracle a bound for sets
+  too; the measured ratio says how far they are from it;
 - ``headroom.png``: the places with their intervals, one row per policy, a colour per budget.
 
     python -m analyses.headroom data/results/smollm2-135m-instruct/fidelity/results.csv --docs 16
@@ -121,10 +121,25 @@ def headroom(results: pd.DataFrame, oracle: pd.DataFrame, seed: int = 0) -> pd.D
     return pd.DataFrame(rows).sort_values(["budget", "place"], ascending=[True, False])
 
 
-def interaction(oracle: pd.DataFrame) -> pd.DataFrame:
-    """Per budget: the set's KL over the summed single-token KLs, mean and interval over documents."""
-    frame = oracle.assign(ratio=oracle.set_kl / oracle.summed_single_kl)
-    return group_ci(frame, ["budget"], ["set_kl", "summed_single_kl", "ratio"]).rename(columns={"n": "n_documents"})
+def interaction(oracle: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per budget: the set's KL and the summed single-token KLs (mean and interval over documents), and
+    ``ratio``, the first mean over the second with a paired percentile-bootstrap interval. A ratio of
+    the means, not a mean of ratios: the least influential tokens' single KLs can sum to zero in a
+    document, which has no ratio of its own."""
+    table = group_ci(oracle, ["budget"], ["set_kl", "summed_single_kl"]).rename(columns={"n": "n_documents"})
+
+    def ratio(together: np.ndarray, summed: np.ndarray) -> float:
+        return float(together.mean() / summed.mean())
+
+    ratios = []
+    for _, group in oracle.groupby("budget", sort=False):
+        data = (group.set_kl.to_numpy(), group.summed_single_kl.to_numpy())
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose sums are all zero has no ratio
+            interval = stats.bootstrap(
+                data, ratio, paired=True, vectorized=False, n_resamples=2000, method="percentile", random_state=seed
+            ).confidence_interval
+        ratios.append(dict(ratio=ratio(*data), ratio_ci_low=float(interval.low), ratio_ci_high=float(interval.high)))
+    return pd.concat([table, pd.DataFrame(ratios)], axis="columns")
 
 
 def plot_headroom(table: pd.DataFrame, title: str, path: Path) -> list[Path]:

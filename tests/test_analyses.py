@@ -300,7 +300,9 @@ def test_headroom_places_each_policy_between_random_and_the_oracle(tmp_path):
     assert table.loc["random", "place"] == pytest.approx(0) and table.loc["oracle", "place"] == pytest.approx(1)
     assert table.loc["snapkv", "place"] == pytest.approx((0.5 - 0.38333333) / (0.5 - 0.15))  # means over the documents
     assert table.loc["h2o", "place_ci_low"] <= table.loc["h2o", "place"] <= table.loc["h2o", "place_ci_high"]
-    assert interaction(oracle).ratio_mean.item() == pytest.approx(0.5)  # the set costs half its tokens' sum here
+    ratio = interaction(oracle).iloc[0]
+    assert ratio.ratio == pytest.approx(2.0 / 4.0)  # the set costs half its tokens' sum here (ratio of the means)
+    assert ratio.ratio_ci_low <= ratio.ratio <= ratio.ratio_ci_high
     drawn = plot_headroom(table.reset_index(), "headroom", tmp_path / "headroom")
     assert [p.name for p in drawn] == ["headroom.png", "headroom.svg"] and all(p.stat().st_size for p in drawn)
 
