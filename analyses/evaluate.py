@@ -31,7 +31,7 @@ from kv_compression.names import parse
 
 from . import cache
 from .documents import cache_folder, shard_of
-from .plotting import save_figure, theme
+from .plotting import distinct_palette, save_figure, theme
 from .tasks import Task, registry
 
 SIZES = ("prompt_tokens", "generated_tokens")  # tokens per item, for a reader of the summary
@@ -99,12 +99,15 @@ def plot_task(results: pd.DataFrame, task: Task, title: str, path: Path, seed: i
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     numeric = pd.to_numeric(results.budget, errors="coerce")
     data = results.assign(budget_value=numeric if numeric.notna().all() else results.budget.astype(str))
+    palette = distinct_palette(results.policy)
     for ax, metric in zip(axes[0], metrics):
         sns.lineplot(
             data=data,
             x="budget_value",
             y=metric,
             hue="policy",
+            hue_order=list(palette),
+            palette=palette,
             marker="o",
             errorbar=("ci", 95),
             seed=seed,

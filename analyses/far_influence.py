@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib import pyplot as plt
 
 from forward_influence import corpus
@@ -53,7 +52,7 @@ from forward_influence.traces import Trace, read_traces
 from kv_compression.names import parse
 
 from .documents import add_shard_option, cache_folder, per_document, quick
-from .plotting import save_figure, theme
+from .plotting import distinct_palette, save_figure, theme
 from .selections import INFOKV, LABELS, policy_scores
 
 PREFIX = 2048
@@ -137,7 +136,7 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> list[Path]:
     """KL per chunk against distance (log y), one line per selection with its 95% band."""
     theme()
     fig, ax = plt.subplots(figsize=(11, 5), layout="constrained")
-    palette = sns.color_palette("colorblind", table.selection.nunique())
+    palette = distinct_palette(table.selection).values()
     for color, (selection, rows) in zip(palette, table.groupby("selection", sort=False)):
         x = (rows.chunk_start + rows.chunk_end) / 2
         ax.plot(x, rows.kl_mean, color=color, label=LABELS.get(selection, selection), linewidth=1.6)

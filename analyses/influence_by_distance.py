@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib import pyplot as plt
 from scipy import stats
 
@@ -43,7 +42,7 @@ from forward_influence.traces import Trace
 from kv_compression.names import parse
 
 from .documents import add_shard_option, cache_folder, essay_segments, per_document, quick
-from .plotting import save_figure, theme
+from .plotting import distinct_palette, save_figure, theme
 from .selections import DEFAULT_SELECTIONS, INFOKV, LABELS, policy_scores, scores
 
 TOKEN_SIGNALS = tuple(name for name in DEFAULT_SELECTIONS if name != "random")
@@ -152,7 +151,7 @@ def plot_influence(table: pd.DataFrame, title: str, path: str | Path) -> list[Pa
     buckets = list(dict.fromkeys(table.bucket))
     x = {b: i for i, b in enumerate(buckets)}
     groups = list(table.groupby("selection", sort=False))
-    palette = sns.color_palette("colorblind", len(groups))
+    palette = distinct_palette([selection for selection, _ in groups]).values()
     for panel, (ax, column) in enumerate(zip(axes, ("kl", *BANDS))):
         for i, (color, (selection, rows)) in enumerate(zip(palette, groups)):
             dodge = (i - (len(groups) - 1) / 2) * 0.06  # keep overlapping error bars apart
@@ -178,7 +177,7 @@ def plot_tokens(deciles: pd.DataFrame, correlations: pd.DataFrame, title: str, p
     theme()
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), layout="constrained")
     signals = list(dict.fromkeys(deciles.signal))
-    palette = dict(zip(signals, sns.color_palette("colorblind", len(signals))))
+    palette = distinct_palette(signals)
     for ax, target, name in ((axes[0], "fi_near", "near (d = 1-8)"), (axes[1], "fi_far", "far (d >= 33)")):
         for signal in signals:
             rows = deciles[deciles.signal == signal]

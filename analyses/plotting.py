@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +16,14 @@ from forward_influence.outputs import atomic_path  # noqa: E402
 
 def theme() -> None:
     sns.set_theme(context="notebook", style="whitegrid")
+
+
+def distinct_palette(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """A colour per name, no two alike: the colour-blind palette while its ten colours suffice, then
+    tab20's twenty, then evenly spaced hues (a sweep of thirteen policies would otherwise repeat three)."""
+    names = list(dict.fromkeys(names))
+    palette = "colorblind" if len(names) <= 10 else "tab20" if len(names) <= 20 else "husl"
+    return dict(zip(names, sns.color_palette(palette, len(names))))
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> list[Path]:

@@ -314,3 +314,14 @@ def test_headroom_names_a_missing_results_file_in_one_line(tmp_path, capsys):
         main([str(tmp_path / "results.csv")])
     assert exit.value.code == 2
     assert f"results: no such file: {tmp_path / 'results.csv'}" in capsys.readouterr().err
+
+
+def test_a_sweep_of_thirteen_policies_gets_thirteen_colours():
+    import seaborn as sns
+
+    from analyses.plotting import distinct_palette
+
+    few, many = distinct_palette(["a", "b", "a"]), distinct_palette([f"p{i}" for i in range(13)])
+    assert few == dict(zip("ab", sns.color_palette("colorblind", 2)))  # first-seen order, duplicates once
+    assert len(many) == 13 and len(set(many.values())) == 13
+    assert len(set(distinct_palette([f"p{i}" for i in range(24)]).values())) == 24

@@ -59,7 +59,7 @@ from kv_compression.budget import Budget
 from kv_compression.policies import Policy
 from kv_compression.runtime import BUFFER, greedy_agreement, teacher_forced
 
-from ..plotting import save_figure, theme
+from ..plotting import distinct_palette, save_figure, theme
 from . import Item, PerSetting
 from .reasoning import PROBLEMS
 
@@ -286,7 +286,8 @@ class LongDecode(PerSetting):
         return row
 
     def plot(self, results: pd.DataFrame, title: str, path: Path) -> list[Path]:
-        """KL and NLL increase by bucket of generated positions, one line per policy, a panel per budget."""
+        """KL and NLL increase by bucket of generated positions, one line per policy, a panel per budget.
+        KL is drawn on a log scale; the NLL increase on a linear one (a bucket's mean can be below zero)."""
         theme()
         rows = []
         for metric in ("kl", "nll_increase"):
@@ -296,11 +297,14 @@ class LongDecode(PerSetting):
                 long.assign(metric=metric, bucket=long.bucket.str.removeprefix(f"{metric}_").str.replace("_", "-"))
             )
         data = pd.concat(rows, ignore_index=True).dropna(subset=["value"])
+        palette = distinct_palette(results.policy)
         grid = sns.relplot(
             data=data,
             x="bucket",
             y="value",
             hue="policy",
+            hue_order=list(palette),
+            palette=palette,
             row="metric",
             col="budget",
             kind="line",
@@ -312,7 +316,8 @@ class LongDecode(PerSetting):
         )
         grid.set_axis_labels("generated positions", "")
         for (metric, budget), ax in grid.axes_dict.items():
-            ax.set_yscale("log")
+            if metric == "kl":
+                ax.set_yscale("log")
             ax.set_title(f"budget {budget}", fontsize=10)
             ax.set_ylabel(self.labels[metric])
         grid.figure.suptitle(title, fontsize=10, y=1.02)
