@@ -44,48 +44,52 @@ def compared_metrics(task: str, group: pd.DataFrame) -> list[str]:
     return [MAIN_METRIC[task][0], *sorted(buckets, key=lambda c: int(pattern.fullmatch(c)[1]))]
 
 
+def against_best_baseline(group: pd.DataFrame, metric: str, better: str) -> list[dict]:
+    """Each of `OURS` in `group` (one task, budget and buffer) against the best baseline on `metric`."""
+    by_policy = {p: g.set_index("item")[metric] for p, g in group.groupby("policy")}
+    baselines = {p: v.mean() for p, v in by_policy.items() if p in BASELINES}
+    if not baselines:
+        return []
+    best = (min if better == "lower" else max)(baselines, key=baselines.get)
+    rows = []
+    for policy in (p for p in OURS if p in by_policy):
+        ours, theirs = by_policy[policy], by_policy[best]
+        mean, low, high = mean_ci(ours)
+        _, best_low, best_high = mean_ci(theirs)
+        difference = mean_ci((ours - theirs.reindex(ours.index)).to_numpy())
+        rows.append(
+            dict(
+                metric=metric,
+                better=better,
+                policy=policy,
+                n_items=len(ours),
+                policy_mean=mean,
+                policy_ci_low=low,
+                policy_ci_high=high,
+                baseline=best,
+                baseline_mean=baselines[best],
+                baseline_ci_low=best_low,
+                baseline_ci_high=best_high,
+                difference_mean=difference[0],
+                difference_ci_low=difference[1],
+                difference_ci_high=difference[2],
+            )
+        )
+    return rows
+
+
 def findings(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, budget, buffer, policy of `OURS`); see the module docstring."""
+    """One row per (task, budget, buffer, compared metric, policy of `OURS`); see the module docstring."""
     rows = []
     results = results.assign(buffer=results["buffer"] if "buffer" in results else pd.NA)
     for (task, budget, buffer), group in results.groupby(["task", "budget", "buffer"], sort=False, dropna=False):
         if task not in MAIN_METRIC:
             continue
-        better = MAIN_METRIC[task][1]
         for metric in compared_metrics(task, group):
-            by_policy = {p: g.set_index("item")[metric] for p, g in group.groupby("policy")}
-            baselines = {p: v.mean() for p, v in by_policy.items() if p in BASELINES}
-            if not baselines:
-                continue
-            best = (min if better == "lower" else max)(baselines, key=baselines.get)
-            for policy in OURS:
-                if policy not in by_policy:
-                    continue
-                ours, theirs = by_policy[policy], by_policy[best]
-                mean, low, high = mean_ci(ours)
-                _, best_low, best_high = mean_ci(theirs)
-                difference = mean_ci((ours - theirs.reindex(ours.index)).to_numpy())
-                rows.append(
-                    dict(
-                        task=task,
-                        budget=budget,
-                        buffer=buffer,
-                        metric=metric,
-                        better=better,
-                        policy=policy,
-                        n_items=len(ours),
-                        policy_mean=mean,
-                        policy_ci_low=low,
-                        policy_ci_high=high,
-                        baseline=best,
-                        baseline_mean=baselines[best],
-                        baseline_ci_low=best_low,
-                        baseline_ci_high=best_high,
-                        difference_mean=difference[0],
-                        difference_ci_low=difference[1],
-                        difference_ci_high=difference[2],
-                    )
-                )
+            rows += [
+                dict(task=task, budget=budget, buffer=buffer, **row)
+                for row in against_best_baseline(group, metric, MAIN_METRIC[task][1])
+            ]
     return pd.DataFrame(rows).dropna(axis="columns", how="all")
 
 
