@@ -7,7 +7,7 @@ divergence, higher is better; long-decode: teacher-forced KL(full || compressed)
 finds the best baseline by its mean (any of `BASELINES` that was run: the attention policies,
 StreamingLLM, Knorm), and reports each of `OURS` with its mean and 95% interval across items
 (`forward_influence.stats.mean_ci`) and its paired difference from that baseline (same items; the
-Student-t interval of the mean difference). Long decoding is also compared bucket by bucket of
+Student-t interval of the mean difference, `student_t_ci`). Long decoding is also compared bucket by bucket of
 generated positions (``kl_0_511``, ``kl_512_1023``, ...: `BY_POSITION`), each bucket against its
 own best baseline, so a reader sees from which generated length on the policies separate. The
 table is written as ``findings.csv`` and printed as Markdown.
@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from forward_influence.outputs import write_table
-from forward_influence.stats import mean_ci
+from forward_influence.stats import mean_ci, student_t_ci
 
 MAIN_METRIC = {
     "fidelity": ("nll_increase", "lower"),
@@ -56,7 +56,7 @@ def against_best_baseline(group: pd.DataFrame, metric: str, better: str) -> list
         ours, theirs = by_policy[policy], by_policy[best]
         mean, low, high = mean_ci(ours)
         _, best_low, best_high = mean_ci(theirs)
-        difference = mean_ci((ours - theirs.reindex(ours.index)).to_numpy())
+        difference = student_t_ci((ours - theirs.reindex(ours.index)).to_numpy())
         rows.append(
             dict(
                 metric=metric,

@@ -72,6 +72,22 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
             random_state=0,
         ).confidence_interval
         return mean, float(interval.low), float(interval.high)
+    return student_t_ci(x, confidence)
+
+
+def student_t_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its Student-t interval, ignoring NaN: the interval of paired differences. Unlike
+    `mean_ci` it never reads the values as 0/1 outcomes or as non-negative, so differences that happen
+    to be all 0 or 1 stay differences (all equal: the interval is that value)."""
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return np.nan, np.nan, np.nan
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, np.nan, np.nan
+    if np.all(x == x[0]):
+        return mean, mean, mean
     lo, hi = stats.t.interval(confidence, x.size - 1, loc=mean, scale=stats.sem(x))
     return mean, float(lo), float(hi)
 

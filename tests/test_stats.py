@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from forward_influence.stats import mean_ci
+from forward_influence.stats import mean_ci, student_t_ci
 
 
 def test_a_signed_mean_gets_the_student_t_interval():
@@ -36,3 +36,12 @@ def test_shares_get_the_wilson_interval_inside_zero_one():
     assert mean_ci([1] + [0] * 8) == pytest.approx((p, centre - half, centre + half))
     mean, low, high = mean_ci([1] * 9)
     assert mean == 1.0 and high == pytest.approx(1.0) and 0.6 < low < 0.75  # not a degenerate [1, 1]
+
+
+def test_paired_differences_of_zero_and_one_stay_differences():
+    # a difference of 0 or 1 per item is no share of 0/1 outcomes: no Wilson interval, no bootstrap
+    differences = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    low, high = stats.t.interval(0.95, 4, loc=0.6, scale=stats.sem(differences))
+    assert student_t_ci(differences) == pytest.approx((0.6, low, high)) and low < 0
+    assert student_t_ci(np.zeros(20)) == (0.0, 0.0, 0.0)  # mean_ci would give Wilson's [0, 0.16]
+    assert mean_ci(np.zeros(20))[2] == pytest.approx(0.161, abs=1e-3)
