@@ -71,6 +71,7 @@ REASONING_INSTRUCTION = (
 REFERENCE_SAMPLING = dict(do_sample=True, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
 PACKAGED = resources.files("analyses") / "data" / "long_decode"
 BUCKETS = (0, 512, 1024, 2048, 4096)
+KL_LINEAR_BELOW = 1e-3  # the figure's KL axis is linear below this: a bucket before the first eviction holds ~1e-7
 
 
 def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
@@ -287,7 +288,9 @@ class LongDecode(PerSetting):
 
     def plot(self, results: pd.DataFrame, title: str, path: Path) -> list[Path]:
         """KL and NLL increase by bucket of generated positions, one line per policy, a panel per budget.
-        KL is drawn on a log scale; the NLL increase on a linear one (a bucket's mean can be below zero)."""
+        KL is drawn on a log scale above `KL_LINEAR_BELOW` and a linear one below it (a bucket the budget
+        still holds whole differs from the full cache by rounding only); the NLL increase on a linear
+        scale (a bucket's mean can be below zero)."""
         theme()
         rows = []
         for metric in ("kl", "nll_increase"):
@@ -317,7 +320,8 @@ class LongDecode(PerSetting):
         grid.set_axis_labels("generated positions", "")
         for (metric, budget), ax in grid.axes_dict.items():
             if metric == "kl":
-                ax.set_yscale("log")
+                ax.set_yscale("symlog", linthresh=KL_LINEAR_BELOW)
+                ax.set_ylim(bottom=0)
             ax.set_title(f"budget {budget}", fontsize=10)
             ax.set_ylabel(self.labels[metric])
         grid.figure.suptitle(title, fontsize=10, y=1.02)
