@@ -49,20 +49,14 @@ BOOTSTRAP_RESAMPLES = 9999
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the confidence interval of the mean, ignoring NaN (which interval: the module docstring)."""
+    """Mean and the confidence interval of the mean, ignoring NaN (which interval: the module docstring).
+    Fewer than two values, equal values and signed values take `student_t_ci`'s rules."""
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
-    if x.size == 0:
-        return np.nan, np.nan, np.nan
-    mean = float(x.mean())
-    if x.size < 2:
-        return mean, np.nan, np.nan
-    if np.isin(x, (0.0, 1.0)).all():
+    if x.size >= 2 and np.isin(x, (0.0, 1.0)).all():
         interval = stats.binomtest(int(x.sum()), x.size).proportion_ci(confidence, method="wilson")
-        return mean, float(interval.low), float(interval.high)
-    if np.all(x == x[0]):
-        return mean, mean, mean
-    if (x >= 0).all():
+        return float(x.mean()), float(interval.low), float(interval.high)
+    if x.size >= 2 and (x >= 0).all() and not np.all(x == x[0]):
         interval = stats.bootstrap(
             (x,),
             np.mean,
@@ -71,7 +65,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
             method="percentile",
             random_state=0,
         ).confidence_interval
-        return mean, float(interval.low), float(interval.high)
+        return float(x.mean()), float(interval.low), float(interval.high)
     return student_t_ci(x, confidence)
 
 
