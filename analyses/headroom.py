@@ -15,6 +15,9 @@ scans behind the learned policy's evaluation serve here too). On the same docume
   too; the measured ratio says how far they are from it;
 - ``headroom.png``: the places with their intervals, one row per policy, a colour per budget.
 
+The oracle's rows are cached per document under ``<out>/cache/<model>/headroom/``: a run over more
+documents measures only the new ones.
+
     python -m analyses.headroom data/results/smollm2-135m-instruct/fidelity/results.csv --docs 16
 """
 
@@ -42,21 +45,24 @@ from kv_compression.offline import observation
 from kv_compression.policies import Oracle
 
 from . import cache
+from .documents import cache_folder
 from .learned import DISTANCE, PREFIX, evaluation_scans, influence_scan
 from .plotting import save_figure, theme
+from .tasks import Item
 from .tasks.fidelity import Fidelity, fidelity_rows
 
 FLOOR, CEILING = "random", "oracle"
 
 
 def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, progress: bool = True) -> pd.DataFrame:
-    """Fidelity rows of the oracle and the interaction measurement, per document and budget."""
+    """Fidelity rows of the oracle and the interaction measurement, per document and budget; cached per
+    document under ``<out>/cache/<model>/headroom/``, so a run over more documents resumes."""
     tracer, task = Tracer(loaded), Fidelity()
-    folder = evaluation_scans(out, loaded.name)
+    scans, folder = evaluation_scans(out, loaded.name), cache_folder(out, loaded.name) / "headroom"
     oracle = Oracle(distance=DISTANCE)
-    rows = []
-    for item in tqdm(task.items(loaded.tokenizer, docs), desc="headroom", disable=not progress):
-        scan = influence_scan(tracer, item.token_ids, folder / cache.file_name(f"essay:{item.id}"))
+
+    def document_rows(item: Item) -> pd.DataFrame:
+        scan = influence_scan(tracer, item.token_ids, scans / cache.file_name(f"essay:{item.id}"))
         single = scan[[f"kl_{d}" for d in range(1, DISTANCE + 1)]].mean(axis=1).to_numpy()
         influence = torch.tensor(single, dtype=torch.float32, device=tracer.device)[None]
         fidelity = fidelity_rows(
@@ -72,6 +78,7 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
         )
         obs = observation(tracer, item.token_ids[:PREFIX], [oracle], influence=influence)
         clean = clean_run(tracer, item.token_ids[: PREFIX + DISTANCE], hidden=False)
+        rows = []
         for row, budget in zip(fidelity, budgets):
             kept = next(k for k in kept_indices(oracle, obs, Budget.parse(budget)) if k is not None)
             evicted = sorted(set(range(PREFIX)) - set(kept[0, 0].tolist()))  # one set: the score is per token
@@ -84,7 +91,14 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
                     evicted=len(evicted),
                 )
             )
-    return pd.DataFrame(rows)
+        return pd.DataFrame(rows)
+
+    frames = []
+    for item in tqdm(task.items(loaded.tokenizer, docs), desc="headroom", disable=not progress):
+        key = dict(budgets=list(budgets), distance=DISTANCE, tokens=[int(t) for t in item.token_ids])
+        path = folder / cache.file_name(f"essay:{item.id}")
+        frames.append(cache.cached(path, key, lambda item=item: document_rows(item)))
+    return pd.concat(frames, ignore_index=True)
 
 
 def headroom(results: pd.DataFrame, oracle: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -174,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.results.is_file():
         parser.error(f"results: no such file: {args.results}")
+    if args.docs < 2:
+        parser.error(f"--docs: the intervals over documents need at least 2, not {args.docs}")
     out = args.out or args.results.parent
     results = pd.read_csv(args.results, dtype={"budget": str})
     oracle = oracle_rows(load_model(args.model), args.docs, sorted(results.budget.unique()), out)

@@ -316,6 +316,17 @@ def test_headroom_names_a_missing_results_file_in_one_line(tmp_path, capsys):
     assert f"results: no such file: {tmp_path / 'results.csv'}" in capsys.readouterr().err
 
 
+def test_headroom_refuses_one_document_before_the_model_loads(tmp_path, capsys):
+    from analyses.headroom import main
+
+    results = tmp_path / "results.csv"
+    results.write_text("task,item,policy,budget,nll_increase\n")
+    with pytest.raises(SystemExit) as exit:
+        main([str(results), "--docs", "1", "--model", "no-such-model"])
+    assert exit.value.code == 2
+    assert "--docs: the intervals over documents need at least 2, not 1" in capsys.readouterr().err
+
+
 def test_a_sweep_of_thirteen_policies_gets_thirteen_colours():
     import seaborn as sns
 
