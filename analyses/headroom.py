@@ -97,7 +97,12 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
 
     frames = []
     for item in tqdm(task.items(loaded.tokenizer, docs), desc="headroom", disable=not progress):
-        key = dict(budgets=list(budgets), distance=DISTANCE, tokens=[int(t) for t in item.token_ids])
+        key = dict(
+            budgets=list(budgets),
+            distance=DISTANCE,
+            fidelity=[task.prefix, task.continuation, task.far_from],
+            tokens=[int(t) for t in item.token_ids],
+        )
         path = folder / cache.file_name(f"essay:{item.id}")
         frames.append(cache.cached(path, key, lambda item=item: document_rows(item)))
     return pd.concat(frames, ignore_index=True)
