@@ -32,7 +32,6 @@ import seaborn as sns
 import torch
 from matplotlib import pyplot as plt
 from scipy import stats
-from tqdm.auto import tqdm
 
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
@@ -40,15 +39,15 @@ from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
+from forward_influence.traces import Trace
 from kv_compression.budget import Budget, kept_indices
 from kv_compression.offline import observation
 from kv_compression.policies import Oracle
 
 from . import cache
-from .documents import cache_folder
-from .learned import DISTANCE, PREFIX, evaluation_scans, influence_scan
+from .documents import cache_folder, per_document
+from .learned import DISTANCE, PREFIX, evaluation_documents, evaluation_scans, influence_scan
 from .plotting import save_figure, theme
-from .tasks import Item
 from .tasks.fidelity import Fidelity, fidelity_rows
 
 FLOOR, CEILING = "random", "oracle"
@@ -60,17 +59,17 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
     """Fidelity rows of the oracle and the interaction measurement, per document and budget; cached per
     document under ``<out>/cache/<model>/headroom/``, so a run over more documents resumes."""
     tracer, task = Tracer(loaded), Fidelity()
-    scans, folder = evaluation_scans(out, loaded.name), cache_folder(out, loaded.name) / "headroom"
+    scans = evaluation_scans(out, loaded.name)
     oracle = Oracle(distance=DISTANCE)
 
-    def document_rows(item: Item) -> pd.DataFrame:
-        scan = influence_scan(tracer, item.token_ids, scans / cache.file_name(f"essay:{item.id}"))
+    def document_rows(document: Trace) -> pd.DataFrame:
+        scan = influence_scan(tracer, document.token_ids, scans / cache.file_name(document.id))
         single = scan[[f"kl_{d}" for d in range(1, DISTANCE + 1)]].mean(axis=1).to_numpy()
         influence = torch.tensor(single, dtype=torch.float32, device=tracer.device)[None]
         fidelity = fidelity_rows(
             tracer,
-            item.id,
-            item.token_ids,
+            document.id.removeprefix("essay:"),  # the fidelity task's item id
+            document.token_ids,
             {CEILING: oracle},
             budgets,
             task.prefix,
@@ -78,8 +77,8 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
             task.far_from,
             influence=influence,
         )
-        obs = observation(tracer, item.token_ids[:PREFIX], [oracle], influence=influence)
-        clean = clean_run(tracer, item.token_ids[: PREFIX + DISTANCE], hidden=False)
+        obs = observation(tracer, document.token_ids[:PREFIX], [oracle], influence=influence)
+        clean = clean_run(tracer, document.token_ids[: PREFIX + DISTANCE], hidden=False)
         rows = []
         for row, budget in zip(fidelity, budgets):
             kept = next(k for k in kept_indices(oracle, obs, Budget.parse(budget)) if k is not None)
@@ -95,17 +94,14 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
             )
         return pd.DataFrame(rows)
 
-    frames = []
-    for item in tqdm(task.items(loaded.tokenizer, docs), desc="headroom", disable=not progress):
-        key = dict(
-            budgets=list(budgets),
-            distance=DISTANCE,
-            fidelity=[task.prefix, task.continuation, task.far_from],
-            tokens=[int(t) for t in item.token_ids],
-        )
-        path = folder / cache.file_name(f"essay:{item.id}")
-        frames.append(cache.cached(path, key, lambda item=item: document_rows(item)))
-    return pd.concat(frames, ignore_index=True)
+    return per_document(
+        evaluation_documents(loaded.tokenizer, docs),
+        document_rows,
+        cache_folder(out, loaded.name) / "headroom",
+        dict(budgets=list(budgets), distance=DISTANCE, fidelity=[task.prefix, task.continuation, task.far_from]),
+        "headroom",
+        progress,
+    )
 
 
 def headroom(results: pd.DataFrame, oracle: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
