@@ -104,22 +104,34 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
     )
 
 
-def headroom(results: pd.DataFrame, oracle: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Per policy and budget: ``(random - policy) / (random - oracle)`` of the mean NLL increases, with
-    a percentile-bootstrap interval over the documents both cover."""
-    table = pd.concat([results[results.task == "fidelity"], oracle.assign(task="fidelity")], ignore_index=True)
+def headroom(
+    results: pd.DataFrame,
+    ceiling_rows: pd.DataFrame,
+    ceiling: str = CEILING,
+    metric: str = "nll_increase",
+    beside: tuple[str, ...] = (),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per policy and budget: its place ``(random - policy) / (random - ceiling)`` of the mean `metric`
+    over documents, with a percentile-bootstrap interval over the documents all three cover, beside the
+    means of `metric` and of the `beside` metrics."""
+    table = pd.concat([results[results.task == "fidelity"], ceiling_rows.assign(task="fidelity")], ignore_index=True)
     table = table.assign(budget=table.budget.astype(str))
     rows = []
     for budget, group in table.groupby("budget", sort=False):
-        wide = group.pivot_table(index="item", columns="policy", values="nll_increase").dropna()
-        if FLOOR not in wide or CEILING not in wide:
+        wide = group.pivot_table(index="item", columns="policy", values=metric).dropna()
+        if FLOOR not in wide or ceiling not in wide:
             continue
+        means = {
+            name: group.pivot_table(index="item", columns="policy", values=name).loc[wide.index].mean()
+            for name in beside
+        }
 
-        def place(policy: np.ndarray, floor: np.ndarray, ceiling: np.ndarray) -> float:
-            return float((floor.mean() - policy.mean()) / (floor.mean() - ceiling.mean()))
+        def place(policy: np.ndarray, floor: np.ndarray, top: np.ndarray) -> float:
+            return float((floor.mean() - policy.mean()) / (floor.mean() - top.mean()))
 
         for policy in wide.columns:
-            data = (wide[policy].to_numpy(), wide[FLOOR].to_numpy(), wide[CEILING].to_numpy())
+            data = (wide[policy].to_numpy(), wide[FLOOR].to_numpy(), wide[ceiling].to_numpy())
             value = place(*data)
             interval = stats.bootstrap(
                 data, place, paired=True, vectorized=False, n_resamples=2000, method="percentile", random_state=seed
@@ -129,7 +141,8 @@ def headroom(results: pd.DataFrame, oracle: pd.DataFrame, seed: int = 0) -> pd.D
                     budget=budget,
                     policy=policy,
                     n_documents=len(wide),
-                    nll_increase=wide[policy].mean(),
+                    **{metric: wide[policy].mean()},
+                    **{name: means[name][policy] for name in beside},
                     place=value,
                     place_ci_low=float(interval.low),
                     place_ci_high=float(interval.high),
@@ -159,9 +172,11 @@ def interaction(oracle: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame(ratios)], axis="columns")
 
 
-def plot_headroom(table: pd.DataFrame, title: str, path: Path) -> list[Path]:
+def plot_headroom(
+    table: pd.DataFrame, title: str, path: Path, ceiling: str = "the oracle", metric: str = "the fidelity NLL increase"
+) -> list[Path]:
     """The `headroom` table as a dot plot: each policy's place with its 95% interval, one row per policy
-    (best first by the mean over budgets), a colour per budget; random and the oracle mark 0 and 1. The
+    (best first by the mean over budgets), a colour per budget; random and the ceiling mark 0 and 1. The
     axis is linear within `PLACE_LINEAR_WITHIN` of zero and logarithmic beyond."""
     theme()
     order = table.groupby("policy").place.mean().sort_values(ascending=False).index
@@ -178,7 +193,7 @@ def plot_headroom(table: pd.DataFrame, title: str, path: Path) -> list[Path]:
     ax.set_xscale("symlog", linthresh=PLACE_LINEAR_WITHIN)
     ax.set_yticks(np.arange(len(order)), order)
     ax.invert_yaxis()
-    ax.set_xlabel("place between random (0) and the oracle (1), on the fidelity NLL increase")
+    ax.set_xlabel(f"place between random (0) and {ceiling} (1), on {metric}")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title, fontsize=10)
     return save_figure(fig, path)

@@ -6,6 +6,9 @@
 - `WINDOW`: SnapKV's observation window, the last queries whose attention scores a token.
 - `QUERY_WINDOW`: the recent queries an observation keeps, so every default policy finds its window in it.
 - `NEAR`, `FAR_FROM`: the distances of near (1-8) and far (33 and beyond) Forward Influence.
+- `SCAN_METHODS`: how a scan gets each token's influence: ``exact`` (one replay per token) or
+  ``gradient`` (all tokens from the gates' gradients, `forward_influence.gradient`).
+- `GRADIENT_SAMPLES`: the sampled continuations of the gradient estimate (its Monte Carlo size).
 """
 
 TOP_K = 10
@@ -14,3 +17,5 @@ WINDOW = 32
 QUERY_WINDOW = 64
 NEAR = (1, 8)
 FAR_FROM = 33
+SCAN_METHODS = ("exact", "gradient")
+GRADIENT_SAMPLES = 8

@@ -32,6 +32,7 @@ from .errors import InputError
 from .influence import clean_run
 from .logits import DEFAULT_CHUNK, topk_entropies
 from .scan import scan_at
+from .set_optimum import SetOptimum, SetSearch
 from .signals import distance_to_final, generated_alignment, representation_change
 from .tracer import Tracer
 
@@ -53,6 +54,9 @@ class Reads:
         tokens that follow, so only an offline observation of a trace with its future can hold it.
     press: the kvpress presses (``CLASS[:field=value...]``) whose scores of every token are recorded
         (`kv_compression.offline` runs them; this package does not import kvpress).
+    set_search: the searches for the eviction set that minimises the future's divergence
+        (`forward_influence.set_optimum`) whose results are recorded; like `influence`, they need the
+        tokens that follow (`kv_compression.offline` runs them from its policies' starting scores).
     """
 
     window: int = 0
@@ -63,6 +67,7 @@ class Reads:
     logit_lens: frozenset[int] = frozenset()
     influence: int = 0
     press: frozenset[str] = frozenset()
+    set_search: frozenset[SetSearch] = frozenset()
 
     def __or__(self, other: Reads) -> Reads:
         """Everything either reads (the longer window and influence distance)."""
@@ -106,8 +111,8 @@ class Observation:
     layer l, final_distance[:, l, p] the cosine distance of its stream after layer l to its stream after
     the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l,
     influence[:, p] the measured Forward Influence of token p evicted alone now, press_scores[press][l]
-    the ``[batch, kv_heads, tokens]`` scores a kvpress press gave layer l (each None or empty unless
-    read). `prompt_length` is the number of prompt tokens when the observation is taken while
+    the ``[batch, kv_heads, tokens]`` scores a kvpress press gave layer l, set_optimum[search] what a
+    set search found (each None or empty unless read). `prompt_length` is the number of prompt tokens when the observation is taken while
     decoding (None when the whole trace is the prompt).
     """
 
@@ -118,6 +123,7 @@ class Observation:
     logit_lens: dict[int, torch.Tensor] = field(default_factory=dict)
     influence: torch.Tensor | None = None
     press_scores: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    set_optimum: dict[SetSearch, SetOptimum] = field(default_factory=dict)
     prompt_length: int | None = None
     derived: dict = field(default_factory=dict, repr=False)  # what a policy derives once and reads per layer
 

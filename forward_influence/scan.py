@@ -12,22 +12,35 @@ Summaries per token (KL in nats):
 - ``fi_total``: sum of the KL over d = 1..D (the token's total influence within D).
 
 Distances past the end of the trace are left out of each mean and sum.
+
+At a common eviction time t instead (a compressor's view: every token of ``[start, end)`` evicted alone
+at t, distances counted from t), `scan` measures exactly (`scan_at`, one replay per token) or
+estimates from gradients (`forward_influence.gradient`, one pass for all tokens); positions after t
+are NaN.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .defaults import FAR_FROM, NEAR
+from .defaults import FAR_FROM, GRADIENT_SAMPLES, NEAR, SCAN_METHODS
 from .errors import InputError
 from .eviction import EvictionSpec, build_masks
+from .gradient import gradient_influence
 from .influence import CleanRun, Divergence, clean_run, evict
 from .tracer import Tracer
+
+
+def check_range(start: int, end: int, n_tokens: int) -> None:
+    """Refuse a scan range ``[start, end)`` outside a trace of `n_tokens` tokens."""
+    if not 0 <= start < end <= n_tokens:
+        raise InputError(f"scan range [{start}, {end}) must lie in [0, {n_tokens}] for a trace of {n_tokens} tokens")
 
 
 def scan_divergence(
@@ -45,8 +58,7 @@ def scan_divergence(
     The last token of the trace has no later query: its row is NaN.
     """
     n = len(token_ids)
-    if not 0 <= start < end <= n:
-        raise InputError(f"scan range [{start}, {end}) must lie in [0, {n}] for a trace of {n} tokens")
+    check_range(start, end, n)
     if max_distance < 1:
         raise InputError(f"--max-distance must be at least 1, got {max_distance}")
     if clean is None:
@@ -73,6 +85,15 @@ def fi_summary(kl: np.ndarray) -> pd.DataFrame:
         )
 
 
+Method = Literal["exact", "gradient"]  # `SCAN_METHODS`
+
+
+def common_time(n_tokens: int, end: int, max_distance: int) -> int:
+    """The default common eviction time of a scan of ``[start, end)``: its last position, or earlier, so
+    that `max_distance` positions of the trace follow it."""
+    return min(end - 1, n_tokens - 1 - max_distance)
+
+
 def scan(
     tracer: Tracer,
     token_ids: Sequence[int],
@@ -81,12 +102,40 @@ def scan(
     max_distance: int,
     batch_size: int = 16,
     progress: bool = False,
+    time: int | None = None,
+    method: Method = "exact",
+    samples: int = GRADIENT_SAMPLES,
 ) -> pd.DataFrame:
-    """One row per scanned token: ``position, token, fi_near, fi_far, fi_total``."""
-    divergence = scan_divergence(tracer, token_ids, start, end, max_distance, batch_size, progress=progress)
+    """One row per scanned token: ``position, token, fi_near, fi_far, fi_total``.
+
+    `time` None evicts each token at its own position (exact only); otherwise every token at the common
+    eviction `time`, measured exactly or estimated from gradients by `method` (`samples` sampled
+    continuations; the estimate has no ``fi_total``, and positions after `time` are NaN).
+    """
+    if method not in SCAN_METHODS:
+        raise InputError(f"method must be one of {', '.join(SCAN_METHODS)}, got {method!r}")
+    n = len(token_ids)
+    check_range(start, end, n)
+    if time is None and method == "gradient":
+        raise InputError("the gradient method estimates at a common eviction time: give time")
+    if time is not None and not (start <= time < n - 1):
+        raise InputError(f"time must lie in [start, {n - 2}] (a position follows it), got {time}")
+    if time is None:
+        kl = scan_divergence(tracer, token_ids, start, end, max_distance, batch_size, progress=progress).kl
+        summary = fi_summary(kl)
+    else:
+        distance = min(max_distance, n - 1 - time)
+        clean = clean_run(tracer, token_ids[: time + 1 + distance], hidden=False)
+        positions = range(start, min(end, time + 1))
+        if method == "exact":
+            summary = fi_summary(scan_at(tracer, clean, time, positions, distance, batch_size, progress).kl)
+        else:
+            estimate = gradient_influence(tracer, clean, time, distance, samples).per_token()
+            summary = estimate.iloc[list(positions)][["fi_near", "fi_far"]].reset_index(drop=True)
+        summary = summary.reindex(range(end - start))
     tokens = [tracer.tokenizer.decode([token_ids[j]]) for j in range(start, end)]
     frame = pd.DataFrame({"position": np.arange(start, end), "token": tokens})
-    return pd.concat([frame, fi_summary(divergence.kl)], axis=1)
+    return pd.concat([frame, summary], axis=1)
 
 
 def naive_token_kl(

@@ -93,6 +93,7 @@ class Tracer:
         hidden: bool = False,
         queries: bool = False,
         remote: bool = False,
+        grad: bool = False,
     ) -> Readout:
         """One traced forward pass over ``input_ids [batch, tokens]``.
 
@@ -106,6 +107,10 @@ class Tracer:
         final states, hidden states and queries (entropies, representation change, masked full-sequence
         passes). Local only: whatever starts from or extends a cache (Forward Influence's cached prefix,
         the scan, observations' keys, the compression runtime).
+
+        `grad` keeps autograd on, so the readout is differentiable in whatever the masks carry (the soft
+        gates of `forward_influence.gates`); the model's parameters stay frozen (loading turns their
+        gradients off), so only the masks' inputs receive gradients.
         """
         if remote and (cache is not None or use_cache):
             raise InputError("a traced pass that uses a cache cannot run remotely on NDIF: the cache is a local object")
@@ -117,7 +122,7 @@ class Tracer:
             kwargs["position_ids"] = position_ids.to(self.device)
         if masks is not None:
             kwargs["attention_mask"] = masks[0]
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             with self.lm.trace(input_ids, remote=remote, **kwargs):
                 states = nnsight.save([self._embed.output] if hidden else [])
                 query_states = nnsight.save([])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forward_influence.defaults import SINKS, TOP_K, WINDOW
+from forward_influence.defaults import GRADIENT_SAMPLES, SCAN_METHODS, SINKS, TOP_K, WINDOW
 from forward_influence.errors import InputError
 from forward_influence.stats import parse_edges
 
@@ -104,6 +104,27 @@ def add(command) -> None:
     p.add_argument("--end", type=positive_int, required=True, help="scan positions [start, end)")
     p.add_argument("--max-distance", type=positive_int, default=64, help="distances 1..D per token (default 64)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="tokens per batched pass (default 16)")
+    p.add_argument(
+        "--method",
+        choices=SCAN_METHODS,
+        default="exact",
+        help="exact: one replay per token (default); gradient: every token at once, estimated from the "
+        "gradients of soft eviction gates at a common eviction time (see --time)",
+    )
+    p.add_argument(
+        "--time",
+        type=non_negative_int,
+        default=None,
+        help="evict every scanned token at this common eviction time instead of at its own position, "
+        "distances counted from it (default: own positions for exact; for gradient the scan's last "
+        "position, or earlier so that --max-distance positions follow it)",
+    )
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=GRADIENT_SAMPLES,
+        help=f"sampled continuations of the gradient estimate (default {GRADIENT_SAMPLES})",
+    )
     add_out(p)
 
 
@@ -179,16 +200,42 @@ def influence(args: argparse.Namespace) -> None:
 
 
 def scan(args: argparse.Namespace) -> None:
+    import sys
+
+    from forward_influence.scan import common_time
     from forward_influence.scan import scan as scan_trace
 
     if args.start >= args.end:
         raise InputError(f"--start {args.start} must be smaller than --end {args.end}")
+    if args.time is not None and not args.start <= args.time:
+        raise InputError(f"--time {args.time} comes before --start {args.start}: no scanned token is cached then")
     outputs.check_file(args.out)
     tracer, traces = options.tracer_and_traces(args)
     frames = []
     for trace in traces:
+        time = args.time
+        if time is None and args.method == "gradient":
+            time = common_time(len(trace.token_ids), args.end, args.max_distance)
+            if time < args.start:
+                raise InputError(
+                    f"{trace.id}: no common eviction time in [--start, --end) leaves --max-distance "
+                    f"{args.max_distance} positions of its {len(trace.token_ids)} tokens after it; lower "
+                    "--max-distance or give --time"
+                )
+            print(f"{trace.id}: every scanned token evicted at the common time {time}", file=sys.stderr)
+        if time is not None and time >= len(trace.token_ids) - 1:
+            raise InputError(f"--time {time}: no position of {trace.id} ({len(trace.token_ids)} tokens) follows it")
         frame = scan_trace(
-            tracer, trace.token_ids, args.start, args.end, args.max_distance, args.batch_size, progress=True
+            tracer,
+            trace.token_ids,
+            args.start,
+            args.end,
+            args.max_distance,
+            args.batch_size,
+            progress=True,
+            time=time,
+            method=args.method,
+            samples=args.samples,
         )
         if len(traces) > 1:
             frame.insert(0, "trace", trace.id)

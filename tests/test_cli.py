@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -85,6 +86,20 @@ def test_influence_and_scan_tables(capsys, tmp_path):
     assert code == 0 and lines[0] == "position,token,fi_near,fi_far,fi_total" and len(lines) == 4
 
 
+def test_scan_gradient_estimates_every_token_at_a_common_time(capsys, tmp_path):
+    out = tmp_path / "gradient.csv"
+    argv = ["scan", "essay:gap", "--max-tokens", "512", "--start", "256", "--end", "512"]
+    code, stdout, err = run(capsys, *argv, "--method", "gradient", "--out", str(out))
+    assert code == 0 and stdout.strip().splitlines()[-1] == str(out)
+    assert "evicted at the common time 447" in err  # 64 positions of the 512 follow it
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["position", "token", "fi_near", "fi_far"] and len(table) == 256
+    assert table.fi_far[:192].notna().all() and table.fi_far[192:].isna().all()  # 448.. come after t
+    code, stdout, _ = run(capsys, *argv[:4], "--start", "440", "--end", "448", "--time", "447", "--format", "csv")
+    exact = pd.read_csv(io.StringIO(stdout))
+    assert code == 0 and exact.fi_far.notna().all()  # the exact scan at the same common time, for comparison
+
+
 def test_verify_passes_on_the_embedded_model(capsys):
     code, stdout, _ = run(capsys, "verify", "--max-tokens", "48")
     assert code == 0
@@ -102,6 +117,14 @@ def test_verify_passes_on_the_embedded_model(capsys):
         (
             ["scan", "essay:gap", "--max-tokens", "30", "--start", "10", "--end", "40"],
             "scan range [10, 40) must lie in [0, 30]",
+        ),
+        (
+            ["scan", "essay:gap", "--start", "10", "--end", "20", "--method", "gradient", "--time", "5"],
+            "--time 5 comes before --start 10",
+        ),
+        (
+            ["scan", "essay:gap", "--max-tokens", "40", "--start", "0", "--end", "40", "--method", "gradient"],
+            "lower --max-distance or give --time",
         ),
         (["influence", "essay:gap", "--select", "loudness"], "unknown selection 'loudness'"),
     ],
@@ -226,10 +249,12 @@ def test_policies_lists_every_policy(capsys):
         "infokv",
         "learned",
         "oracle",
+        "optimal",
         "infokv-calibrated",
         "kvpress:CLASS",
     ]
-    assert next(line for line in stdout.splitlines() if line.startswith("oracle")).endswith("never generate]")
+    for offline in ("oracle", "optimal"):
+        assert next(line for line in stdout.splitlines() if line.startswith(offline)).endswith("never generate]")
     infokv = stdout.splitlines()[
         stdout.splitlines().index(next(l for l in stdout.splitlines() if l.startswith("infokv "))) + 1
     ]

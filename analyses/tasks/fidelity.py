@@ -30,6 +30,7 @@ import torch
 from forward_influence.defaults import FAR_FROM
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
+from forward_influence.observation import Observation
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget, eviction_specs, kept_indices, layer_scores
 from kv_compression.offline import observation
@@ -49,10 +50,12 @@ def fidelity_rows(
     continuation: int = 256,
     far_from: int = FAR_FROM,
     influence: torch.Tensor | None = None,
+    obs: Observation | None = None,
 ) -> list[dict]:
     """One row per (policy, budget) for one document (see the module docstring for the columns). A
     policy that reads the measured influence (the oracle) measures it on the continuation, or takes
-    `influence` (``[1, prefix]``) when given."""
+    `influence` (``[1, prefix]``) when given. `obs`, the prefix's observation for `policies`, saves
+    observing again when the caller has it."""
     ids = list(token_ids[: prefix + continuation])
     if len(ids) <= prefix:
         raise ValueError(f"{document} has {len(ids)} tokens, not more than the {prefix}-token prefix")
@@ -60,7 +63,8 @@ def fidelity_rows(
     clean = clean_run(tracer, ids, hidden=False)
     n_full = -clean.references.next_logp[prefix - 1 : len(ids) - 1].mean().item()
     rows = []
-    obs = observation(tracer, ids[:prefix], list(policies.values()), future=ids[prefix:], influence=influence)
+    if obs is None:
+        obs = observation(tracer, ids[:prefix], list(policies.values()), future=ids[prefix:], influence=influence)
     for name, policy in policies.items():
         scores = layer_scores(policy, obs)  # scored once, selected at every budget
         for budget in budgets:

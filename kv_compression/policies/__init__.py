@@ -8,6 +8,7 @@ from .h2o import H2O
 from .infokv import InfoKV
 from .knorm import Knorm
 from .learned import Learned
+from .optimal import Optimal
 from .oracle import Oracle
 from .pyramidkv import PyramidKV
 from .random_scores import Random
@@ -35,6 +36,7 @@ POLICIES: dict[str, type[Policy]] = {
         InfoKV,
         Learned,
         Oracle,
+        Optimal,
     )
 }
 

@@ -1,0 +1,131 @@
+"""Set-level Forward Influence: how far every policy is from the best eviction set it could have kept.
+
+On the fidelity task's documents and budgets (`analyses.tasks.fidelity`: a 1024-token prefix
+compressed at t = 1023, the next 256 tokens teacher-forced), the `optimal` policy searches, per
+document and budget, the kept set of every full-attention layer and KV head that minimises the mean
+KL over the continuation (`forward_influence.set_optimum`, from the uniform, H2O and Expected
+Attention starts). Its row is the fidelity task's exact measurement of that hard set, as for every
+other policy; the search's own numbers (relaxed loss, each start's exact KL, CPU seconds) sit beside it.
+
+- ``optimal.csv``: the optimal rows per document and budget, with ``relaxed_kl``, ``start``
+  (the best start), ``kl_<start>`` (each start's exact KL after its search), ``start_kl_<start>``
+  (the exact KL of the start's own hard set, before the search) and ``cpu_seconds``;
+- ``headroom.csv``: per policy and budget, its place between random (0) and `optimal` (1) on the mean
+  KL (the quantity the search minimises), with a 95% percentile-bootstrap interval over documents,
+  and the NLL increase beside it; ``headroom_nll.csv``, the same places on the NLL increase;
+- ``headroom.png``: the places with their intervals.
+
+The optimal rows are cached per document under ``<out>/cache/<model>/set-level/``; ``--shard I/N``
+fills the cache with every N-th document from the I-th and writes no table.
+
+    python -m analyses.set_level data/results/smollm2-135m-instruct/fidelity/results.csv --docs 16 \\
+        --out data/results/smollm2-135m-instruct/set-level
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.outputs import write_table
+from forward_influence.tracer import Tracer
+from forward_influence.traces import Trace
+from kv_compression.offline import observation
+from kv_compression.policies import Optimal
+
+from .documents import add_shard_option, cache_folder, per_document
+from .headroom import headroom, plot_headroom
+from .learned import evaluation_documents
+from .tasks.fidelity import Fidelity, fidelity_rows
+
+CEILING = Optimal.name
+
+
+def optimal_rows(
+    loaded: LoadedModel,
+    docs: int,
+    budgets: list[str],
+    out: Path,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The fidelity rows of `optimal`, searched for each budget, with the search's diagnostics (module
+    docstring); cached per document."""
+    tracer, task = Tracer(loaded), Fidelity()
+
+    def document_rows(document: Trace) -> pd.DataFrame:
+        ids = list(document.token_ids[: task.prefix + task.continuation])
+        rows = []
+        for budget in budgets:
+            policy = Optimal(budget=float(budget), distance=task.continuation)
+            started = time.process_time()
+            obs = observation(tracer, ids[: task.prefix], [policy], future=ids[task.prefix :])
+            (row,) = fidelity_rows(
+                tracer,
+                document.id.removeprefix("essay:"),  # the fidelity task's item id
+                ids,
+                {CEILING: policy},
+                [budget],
+                task.prefix,
+                task.continuation,
+                task.far_from,
+                obs=obs,
+            )
+            optimum = obs.set_optimum[policy.search()]
+            rows.append(
+                dict(
+                    row,
+                    relaxed_kl=optimum.relaxed_kl[optimum.best],
+                    start=optimum.starts[optimum.best],
+                    **{f"kl_{start}": kl for start, kl in zip(optimum.starts, optimum.exact_kl)},
+                    **{f"start_kl_{start}": kl for start, kl in zip(optimum.starts, optimum.start_kl)},
+                    cpu_seconds=time.process_time() - started,
+                )
+            )
+        return pd.DataFrame(rows)
+
+    return per_document(
+        evaluation_documents(loaded.tokenizer, docs),
+        document_rows,
+        cache_folder(out, loaded.name) / "set-level",
+        dict(budgets=list(budgets), search=repr(Optimal().search()), fidelity=[task.prefix, task.continuation]),
+        "set search",
+        progress,
+        shard,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="the results.csv of `forward-influence eval --task fidelity`")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--docs", type=int, default=16, help="fidelity documents searched (default 16)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: next to the results)")
+    add_shard_option(parser)
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        parser.error(f"results: no such file: {args.results}")
+    if args.docs < 2:
+        parser.error(f"--docs: the intervals over documents need at least 2, not {args.docs}")
+    out = args.out or args.results.parent
+    results = pd.read_csv(args.results, dtype={"budget": str})
+    optimal = optimal_rows(load_model(args.model), args.docs, sorted(results.budget.unique()), out, args.shard)
+    if args.shard is not None:
+        print(cache_folder(out, args.model) / "set-level")
+        return
+    write_table(optimal, out / "optimal.csv")
+    table = headroom(results, optimal, CEILING, "kl", beside=("nll_increase",))
+    write_table(table, out / "headroom.csv")
+    write_table(headroom(results, optimal, CEILING, "nll_increase", beside=("kl",)), out / "headroom_nll.csv")
+    title = f"{args.model}: headroom on {optimal.item.nunique()} fidelity documents"
+    plot_headroom(table, title, out / "headroom", ceiling="optimal", metric="the mean KL(full || compressed)")
+    print(table.to_string(index=False, float_format="{:.3f}".format))
+    print(out / "headroom.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Soft eviction gates, gradient influence and the set optimum, on tiny random models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from forward_influence.errors import InputError
+from forward_influence.eviction import EvictionSpec
+from forward_influence.gates import full_gates, gated_kl, hard_gates
+from forward_influence.gradient import gradient_influence
+from forward_influence.influence import clean_run, evict
+from forward_influence.scan import fi_summary, scan_at
+from forward_influence.set_optimum import SetSearch, hard_keep, initial_theta, optimise_gates
+from forward_influence.tracer import Tracer
+from kv_compression.budget import Budget, eviction_specs, kept_indices
+from kv_compression.offline import observation
+from kv_compression.policies import H2O, Optimal
+
+from conftest import VOCAB, tiny_model
+
+TIME, DISTANCE = 25, 12
+
+
+def _clean(tracer, n: int = 40, seed: int = 1):
+    ids = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+    return clean_run(tracer, ids, hidden=False)
+
+
+def test_hard_gates_equal_evict_all_layers_per_layer_per_head(tiny):
+    clean = _clean(tiny)
+    rows = [
+        [EvictionSpec((3, 9, 17), TIME)],
+        [EvictionSpec((3, 9, 17), TIME, layers=(1,))],
+        [EvictionSpec((0, 3, 9, 20), TIME, layers=(1, 3), heads=(0,)), EvictionSpec((5,), TIME, heads=(1,))],
+    ]
+    exact = evict(tiny, clean, rows, DISTANCE, hidden=False).kl
+    with torch.no_grad():
+        gated = gated_kl(tiny, clean, hard_gates(tiny, rows, TIME), DISTANCE).numpy()
+    assert np.abs(exact - gated).max() < 1e-5
+    assert exact.max() > 1e-3  # the evictions move the future far beyond the tolerance
+    with torch.no_grad():
+        assert gated_kl(tiny, clean, full_gates(tiny, TIME), DISTANCE).abs().max() < 1e-5
+
+
+def test_gate_gradient_matches_finite_differences(tiny):
+    clean = _clean(tiny)
+    gates = (full_gates(tiny, TIME) * 0.6).requires_grad_(True)
+    (gradient,) = torch.autograd.grad(gated_kl(tiny, clean, gates, DISTANCE).mean(), gates)
+    direction = torch.rand(gates.shape, generator=torch.Generator().manual_seed(0)) - 0.5
+    step = 1e-2
+    with torch.no_grad():
+        up = gated_kl(tiny, clean, gates + step * direction, DISTANCE).mean()
+        down = gated_kl(tiny, clean, gates - step * direction, DISTANCE).mean()
+    finite = ((up - down) / (2 * step)).item()
+    analytic = (gradient * direction).sum().item()
+    assert abs(finite) > 1e-3
+    assert analytic == pytest.approx(finite, rel=1e-2)
+
+
+def test_gates_refuse_a_spec_at_another_time_and_a_distance_past_the_trace(tiny):
+    with pytest.raises(InputError, match="one eviction time"):
+        hard_gates(tiny, [[EvictionSpec((3,), TIME - 1)]], TIME)
+    with pytest.raises(InputError, match="runs past the trace"):
+        gated_kl(tiny, _clean(tiny), full_gates(tiny, TIME), 40 - TIME)
+
+
+def test_gradient_influence_ranks_the_exact_single_token_influence():
+    tracer = Tracer(tiny_model("llama"))
+    clean = _clean(tracer, 80)
+    time = 39
+    estimate = gradient_influence(tracer, clean, time, 40, samples=32).per_token()
+    exact = fi_summary(scan_at(tracer, clean, time, range(time + 1), 40).kl)
+    assert estimate.shape == (time + 1, 3)
+    assert (estimate[["fi_near", "fi_far"]] >= 0).all().all()
+    for bucket in ("fi_near", "fi_far"):
+        assert stats.spearmanr(estimate[bucket], exact[bucket]).statistic > 0.6
+    again = gradient_influence(tracer, clean, time, 40, samples=32).per_token()
+    assert again.equals(estimate)  # the sampled continuations are seeded
+
+
+def test_hard_keep_breaks_ties_towards_the_most_recent_tokens():
+    theta = torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0]])
+    assert hard_keep(theta, 3).tolist() == [[0.0, 1.0, 0.0, 1.0, 1.0]]
+    assert initial_theta(torch.tensor([[3.0, float("inf"), -1.0]])).tolist() == [[0.0, 1.0, -1.0]]
+
+
+def test_set_search_never_ends_worse_than_its_starts(tiny):
+    clean = _clean(tiny)
+    layers = [layer for layer, window in enumerate(tiny.layout.windows) if window is None]
+    starts = torch.randn(2, len(layers), tiny.layout.num_kv_heads, TIME + 1, generator=torch.Generator().manual_seed(0))
+    search = SetSearch(budget=0.25, distance=DISTANCE, steps=6, starts=("a", "b"))
+    optimum = optimise_gates(tiny, clean, search, starts, layers, keep=7)
+    assert all(end <= start for end, start in zip(optimum.exact_kl, optimum.start_kl))
+    assert optimum.exact_kl[optimum.best] == min(optimum.exact_kl)
+    assert optimum.theta.shape == (len(layers), tiny.layout.num_kv_heads, TIME + 1)
+
+
+def test_optimal_reports_the_exact_measurement_of_its_hard_set(tiny):
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    prefix = TIME + 1
+    policy = Optimal(budget=0.25, distance=DISTANCE, steps=6, starts="uniform+h2o")
+    obs = observation(tiny, ids[:prefix], [policy, H2O()], future=ids[prefix:])
+    optimum = obs.set_optimum[policy.search()]
+    clean = clean_run(tiny, ids[: prefix + DISTANCE], hidden=False)
+    measured = {}
+    for name, chosen in (("optimal", policy), ("h2o", H2O())):
+        kept = kept_indices(chosen, obs, Budget.parse("0.25"))
+        specs = [EvictionSpec((), TIME)] + eviction_specs(kept, obs, TIME)
+        measured[name] = float(np.nanmean(evict(tiny, clean, [specs], DISTANCE, hidden=False).kl[0]))
+    assert measured["optimal"] == pytest.approx(optimum.exact_kl[optimum.best], abs=1e-5)
+    assert measured["h2o"] == pytest.approx(optimum.start_kl[1], abs=1e-5)  # the start is H2O's own set
+    assert measured["optimal"] <= measured["h2o"] + 1e-6
+    assert measured["optimal"] != pytest.approx(optimum.relaxed_kl[optimum.best], abs=1e-7)
+
+
+def test_optimal_refuses_unknown_starts_and_bad_budgets():
+    with pytest.raises(InputError, match="starts must be uniform or online policies"):
+        Optimal(starts="uniform+oracle")
+    with pytest.raises(InputError, match="budget must lie in"):
+        Optimal(budget=1.5)
