@@ -9,7 +9,9 @@ Signals (one value per token, darker = higher):
   evicted at its own position (`forward_influence.scan`; the most expensive);
 - ``policy:NAME``: a compression policy's score (mean over layers and KV heads); the tokens it
   evicts at ``budget`` are marked (kept = kept by at least half the layer x head slots), and the
-  tokens it always keeps (score +inf) are shaded as the maximum.
+  tokens it always keeps (score +inf) are shaded as the maximum. A policy that reads the future (the
+  oracle, `optimal`) compresses the trace up to the last tokens it reads (its distance, at most half
+  the trace), which stay unshaded.
 
 HTML has one ``<span class="tok">`` per token with the value on hover, a colour legend and the
 kept/evicted key; PNG is drawn with matplotlib (monospace, wrapped at `WIDTH` characters).
@@ -89,11 +91,18 @@ def heat(tracer: Tracer, trace: Trace, signal: str, budget: Budget | str = "0.25
         return Heat(tokens, values, None, UNITS["fi"])
     if signal.startswith("policy:"):
         policy = parse(signal.removeprefix("policy:"), model, quiet=True)
-        score, share = token_view(policy, observation(tracer, ids, [policy]), budget)
+        reads = policy.reads()
+        ahead = max(reads.influence, *(search.distance for search in reads.set_search), 0)
+        observed = len(ids) - min(ahead, len(ids) // 2)
+        obs = observation(tracer, ids[:observed], [policy], future=ids[observed:])
+        score, share = token_view(policy, obs, budget)
         values = score.float().cpu().numpy()
         finite = np.isfinite(values)
         values = np.where(finite, values, values[finite].max() if finite.any() else 1.0)
-        return Heat(tokens, values, share.cpu().numpy() >= 0.5, f"{policy.name} score (kept at budget {budget})")
+        kept = share.cpu().numpy() >= 0.5
+        unseen = len(ids) - observed  # the future a policy reads is never compressed
+        values, kept = np.concatenate([values, np.full(unseen, np.nan)]), np.concatenate([kept, np.ones(unseen, bool)])
+        return Heat(tokens, values, kept, f"{policy.name} score (kept at budget {budget})")
     signals = token_signals(tracer, ids)
     name = {"entropy": "entropy_next", "attention": "attention_snapkv", "evolution": "evolution"}[signal]
     return Heat(tokens, np.asarray(signals.get(name), dtype=float), None, UNITS[signal])

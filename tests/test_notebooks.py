@@ -11,11 +11,12 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_are_there_and_stored_without_outputs():
+def test_the_four_notebooks_are_there_and_stored_without_outputs():
     assert [p.name for p in NOTEBOOKS] == [
         "01_influence_by_distance.ipynb",
         "02_attention_vs_entropy.ipynb",
         "03_policies_and_budgets.ipynb",
+        "04_set_level.ipynb",
     ]
     for path in NOTEBOOKS:
         cells = nbformat.read(path, as_version=4).cells
@@ -33,3 +34,6 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     if path.stem == "03_policies_and_budgets":
         shown = [c for c in book.cells if c.cell_type == "code" and "findings.csv" in c.source]
         assert len(shown) == 1 and "infokv-calibrated" in str(shown[0].outputs), "the committed findings are shown"
+    if path.stem == "04_set_level":
+        measured = next(c for c in book.cells if c.cell_type == "code" and "fidelity_rows" in c.source)
+        assert "optimal" in str(measured.outputs) and "h2o" in str(measured.outputs), "the optimal set is measured"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
 
+from analyses.gradient_influence import per_document_comparison, summary
+from analyses.heatmap import heat
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
 from forward_influence.gates import full_gates, gated_kl, hard_gates
@@ -15,6 +18,7 @@ from forward_influence.influence import clean_run, evict
 from forward_influence.scan import fi_summary, scan_at
 from forward_influence.set_optimum import SetSearch, hard_keep, initial_theta, optimise_gates
 from forward_influence.tracer import Tracer
+from forward_influence.traces import Trace
 from kv_compression.budget import Budget, eviction_specs, kept_indices
 from kv_compression.offline import observation
 from kv_compression.policies import H2O, Optimal
@@ -121,3 +125,32 @@ def test_optimal_refuses_unknown_starts_and_bad_budgets():
         Optimal(starts="uniform+oracle")
     with pytest.raises(InputError, match="budget must lie in"):
         Optimal(budget=1.5)
+
+
+def test_heatmap_of_optimal_compresses_up_to_the_future_it_reads(tiny):
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    shown = heat(tiny, Trace("t", ids), "policy:optimal:distance=8:steps=2:starts=h2o", budget="0.5")
+    assert np.isnan(shown.values[-8:]).all() and np.isfinite(shown.values[:-8]).all()
+    assert shown.kept[-8:].all() and 0 < shown.kept[:-8].sum() < 32  # the budget evicts among the compressed
+
+
+def test_gradient_comparison_tables_from_known_ranks():
+    tokens = pd.DataFrame(
+        {
+            "document": ["a"] * 10 + ["b"] * 10,
+            "exact_fi_near": np.r_[np.arange(10.0), np.arange(10.0)],
+            "gradient_fi_near": np.r_[np.arange(10.0), -np.arange(10.0)],
+            "exact_fi_far": np.r_[np.arange(10.0), np.arange(10.0)],
+            "gradient_fi_far": np.r_[np.arange(10.0) ** 2, np.arange(10.0)],
+            "exact_seconds": np.r_[[30.0] * 10, [50.0] * 10],
+            "gradient_seconds": [1.0] * 20,
+        }
+    )
+    per_document = per_document_comparison(tokens).set_index("document")
+    assert per_document.loc["a", "spearman_fi_near"] == pytest.approx(1)
+    assert per_document.loc["b", "spearman_fi_near"] == pytest.approx(-1)
+    assert per_document.top10_overlap_fi_far.tolist() == [1.0, 1.0]
+    assert per_document.loc["b", "top10_overlap_fi_near"] == 0.0
+    table = summary(per_document.reset_index()).iloc[0]
+    assert table.n_documents == 2 and table.speed_ratio == pytest.approx(40.0)
+    assert table.spearman_fi_far_mean == pytest.approx(1)
