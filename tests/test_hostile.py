@@ -46,6 +46,12 @@ BAD_BEFORE_LOADING = [
     (["generate", "hi", "--policy", "snapkv", "--budget", "lots"], "budget must be a ratio in (0, 1]"),
     (["generate", "hi", "--policy", "oracle", "--budget", "0.5"], "--policy oracle scores from a measured trace only"),
     (
+        ["generate", "hi", "--policy", "optimal", "--budget", "0.5"],
+        "--policy optimal scores from a measured trace only",
+    ),
+    (["score", "essay:gap", "--policy", "optimal:starts=oracle"], "optimal: starts must be uniform or online policies"),
+    (["score", "essay:gap", "--policy", "optimal:budget=2"], "optimal: budget must lie in (0, 1]"),
+    (
         ["generate", "hi", "--policy", "snapkv:window=0", "--budget", "0.5"],
         "snapkv: window must be an integer of at least 1",
     ),
