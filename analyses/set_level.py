@@ -13,7 +13,13 @@ other policy; the search's own numbers (relaxed loss, each start's exact KL, CPU
 - ``headroom.csv``: per policy and budget, its place between random (0) and `optimal` (1) on the mean
   KL (the quantity the search minimises), with a 95% percentile-bootstrap interval over documents,
   and the NLL increase beside it; ``headroom_nll.csv``, the same places on the NLL increase;
-- ``headroom.png``: the places with their intervals.
+- ``headroom.png``: the places with their intervals;
+- ``interaction.csv``: per budget, the KL of `optimal`'s whole evicted set against the sum of its
+  entries' single influences (each token evicted from one layer and KV head alone), and the ratio of
+  their means (`analyses.headroom.interaction`). The single influences are the Fisher estimates of
+  `forward_influence.gradient` over the same 256 positions (``summed_single_kl``): measuring each of
+  the ~80 000 entries a per-head set evicts by a replay is out of reach, so this ratio is an estimate,
+  where the oracle's is exact.
 
 The optimal rows are cached per document under ``<out>/cache/<model>/set-level/``; ``--shard I/N``
 fills the cache with every N-th document from the I-th and writes no table.
@@ -29,20 +35,56 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from forward_influence.gradient import fisher_influence
+from forward_influence.influence import clean_run
 from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.tracer import Tracer
-from forward_influence.traces import Trace
+from kv_compression.budget import Budget, kept_masks
 from kv_compression.offline import observation
 from kv_compression.policies import Optimal
 
 from .documents import add_shard_option, cache_folder, per_document
-from .headroom import headroom, plot_headroom
+from .headroom import headroom, interaction, plot_headroom
 from .learned import evaluation_documents
 from .tasks.fidelity import Fidelity, fidelity_rows
 
 CEILING = Optimal.name
+
+
+def search_rows(tracer: Tracer, item: str, token_ids: list[int], budgets: list[str], task: Fidelity) -> pd.DataFrame:
+    """The fidelity rows of `optimal` on one document, searched for each budget, with the search's
+    diagnostics and the interaction measurement (module docstring)."""
+    ids = list(token_ids[: task.prefix + task.continuation])
+    clean = clean_run(tracer, ids, hidden=False)
+    generator = torch.Generator(device=tracer.device).manual_seed(0)
+    single, _ = fisher_influence(tracer, clean, task.prefix - 1, 1, len(ids) - task.prefix, generator=generator)
+    rows = []
+    for budget in budgets:
+        policy = Optimal(budget=float(budget), distance=task.continuation)
+        started = time.process_time()
+        obs = observation(tracer, ids[: task.prefix], [policy], future=ids[task.prefix :])
+        (row,) = fidelity_rows(
+            tracer, item, ids, {CEILING: policy}, [budget], task.prefix, task.continuation, task.far_from, obs=obs
+        )
+        optimum = obs.set_optimum[policy.search()]
+        kept = kept_masks(policy, obs, Budget.parse(budget))
+        summed = sum(float(single[layer][~mask[0]].sum()) for layer, mask in enumerate(kept) if mask is not None)
+        rows.append(
+            dict(
+                row,
+                set_kl=row["kl"],
+                summed_single_kl=summed,
+                relaxed_kl=optimum.relaxed_kl[optimum.best],
+                start=optimum.starts[optimum.best],
+                **{f"kl_{start}": kl for start, kl in zip(optimum.starts, optimum.exact_kl)},
+                **{f"start_kl_{start}": kl for start, kl in zip(optimum.starts, optimum.start_kl)},
+                cpu_seconds=time.process_time() - started,
+            )
+        )
+    return pd.DataFrame(rows)
 
 
 def optimal_rows(
@@ -53,44 +95,12 @@ def optimal_rows(
     shard: tuple[int, int] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """The fidelity rows of `optimal`, searched for each budget, with the search's diagnostics (module
-    docstring); cached per document."""
+    """`search_rows` on each of the `docs` fidelity documents; cached per document."""
     tracer, task = Tracer(loaded), Fidelity()
-
-    def document_rows(document: Trace) -> pd.DataFrame:
-        ids = list(document.token_ids[: task.prefix + task.continuation])
-        rows = []
-        for budget in budgets:
-            policy = Optimal(budget=float(budget), distance=task.continuation)
-            started = time.process_time()
-            obs = observation(tracer, ids[: task.prefix], [policy], future=ids[task.prefix :])
-            (row,) = fidelity_rows(
-                tracer,
-                document.id.removeprefix("essay:"),  # the fidelity task's item id
-                ids,
-                {CEILING: policy},
-                [budget],
-                task.prefix,
-                task.continuation,
-                task.far_from,
-                obs=obs,
-            )
-            optimum = obs.set_optimum[policy.search()]
-            rows.append(
-                dict(
-                    row,
-                    relaxed_kl=optimum.relaxed_kl[optimum.best],
-                    start=optimum.starts[optimum.best],
-                    **{f"kl_{start}": kl for start, kl in zip(optimum.starts, optimum.exact_kl)},
-                    **{f"start_kl_{start}": kl for start, kl in zip(optimum.starts, optimum.start_kl)},
-                    cpu_seconds=time.process_time() - started,
-                )
-            )
-        return pd.DataFrame(rows)
-
     return per_document(
         evaluation_documents(loaded.tokenizer, docs),
-        document_rows,
+        # the fidelity task's item id
+        lambda document: search_rows(tracer, document.id.removeprefix("essay:"), document.token_ids, budgets, task),
         cache_folder(out, loaded.name) / "set-level",
         dict(budgets=list(budgets), search=repr(Optimal().search()), fidelity=[task.prefix, task.continuation]),
         "set search",
@@ -121,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     table = headroom(results, optimal, CEILING, "kl", beside=("nll_increase",))
     write_table(table, out / "headroom.csv")
     write_table(headroom(results, optimal, CEILING, "nll_increase", beside=("kl",)), out / "headroom_nll.csv")
+    write_table(interaction(optimal), out / "interaction.csv")
     title = f"{args.model}: headroom on {optimal.item.nunique()} fidelity documents"
     plot_headroom(table, title, out / "headroom", ceiling="optimal", metric="the mean KL(full || compressed)")
     print(table.to_string(index=False, float_format="{:.3f}".format))

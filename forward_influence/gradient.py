@@ -62,10 +62,18 @@ class GradientInfluence:
         )
 
 
-def _bucket(
-    tracer: Tracer, clean: CleanRun, time: int, first: int, last: int, samples: int, generator: torch.Generator
+def fisher_influence(
+    tracer: Tracer,
+    clean: CleanRun,
+    time: int,
+    first: int,
+    last: int,
+    samples: int = GRADIENT_SAMPLES,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fisher diagonals / 2 of the mean log-likelihood over distances first..last: per gate and per token."""
+    """The estimated influence on the mean KL over distances `first`..`last` after `time` (the Fisher
+    diagonals / 2, module docstring): per gate ``[layers, kv_heads, time + 1]`` (evicting one token from
+    one layer and KV head) and per token ``[time + 1]`` (from all of them)."""
     gates = full_gates(tracer, time).requires_grad_(True)
     log_p = gated_log_probs(tracer, clean, gates, last)[0, first - 1 :]  # [n, vocab]
     labels = torch.multinomial(log_p.detach().exp(), samples, replacement=True, generator=generator)
@@ -91,8 +99,8 @@ def gradient_influence(
     if max_distance < NEAR[1]:
         raise InputError(f"max_distance must be at least {NEAR[1]} (the near bucket), got {max_distance}")
     generator = torch.Generator(device=tracer.device).manual_seed(seed)
-    near = _bucket(tracer, clean, time, NEAR[0], NEAR[1], samples, generator)
+    near = fisher_influence(tracer, clean, time, NEAR[0], NEAR[1], samples, generator)
     far = (None, None)
     if max_distance >= FAR_FROM:
-        far = _bucket(tracer, clean, time, FAR_FROM, max_distance, samples, generator)
+        far = fisher_influence(tracer, clean, time, FAR_FROM, max_distance, samples, generator)
     return GradientInfluence(time, *near, *far)

@@ -10,6 +10,8 @@ from scipy import stats
 
 from analyses.gradient_influence import per_document_comparison, summary
 from analyses.heatmap import heat
+from analyses.set_level import search_rows
+from analyses.tasks.fidelity import Fidelity
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
 from forward_influence.gates import full_gates, gated_kl, hard_gates
@@ -154,3 +156,14 @@ def test_gradient_comparison_tables_from_known_ranks():
     table = summary(per_document.reset_index()).iloc[0]
     assert table.n_documents == 2 and table.speed_ratio == pytest.approx(40.0)
     assert table.spearman_fi_far_mean == pytest.approx(1)
+
+
+def test_search_rows_measure_optimal_exactly_beside_its_search(tiny):
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    task = Fidelity(prefix=TIME + 1, continuation=DISTANCE)
+    rows = search_rows(tiny, "doc", ids, ["0.25", "0.5"], task)
+    assert list(rows.budget) == ["0.25", "0.5"] and (rows.policy == "optimal").all()
+    assert (rows.set_kl == rows.kl).all() and (rows.summed_single_kl > 0).all()
+    best = rows.apply(lambda r: r[f"kl_{r.start}"], axis=1)
+    assert np.allclose(best, rows.kl, atol=1e-5)  # the reported number is the exact replay of the best start
+    assert (rows[[f"kl_{s}" for s in Optimal().start_names]].min(axis=1) <= rows.kl + 1e-6).all()
