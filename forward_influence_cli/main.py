@@ -12,6 +12,7 @@ from forward_influence.errors import InputError
 from . import __doc__ as OVERVIEW
 from . import compress, evaluation, experiments, measure, prepare
 from .options import Parser
+from .outputs import check_distinct
 
 GROUPS = (prepare, measure, compress, experiments, evaluation)
 COMMANDS = {name: run for group in GROUPS for name, run in group.COMMANDS.items()}
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        check_distinct(args)
         return COMMANDS[args.command](args) or 0
     except InputError as exc:
         if debug:

@@ -172,6 +172,7 @@ def influence(args: argparse.Namespace) -> None:
     selections = [canonical(name) for name in options.names(args.select)]
     if not selections:
         raise InputError("--select names no selection")
+    options.once(selections, "--select: selection")
     outputs.check_file(args.out)
     outputs.check_file(args.per_distance, option="--per-distance")
     options.check_evict_at(args.evict_at, args.sinks)

@@ -75,6 +75,18 @@ def names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def once(values: list, what: str, canonical=str) -> list:
+    """`values` if no two are the same `what` (compared by `canonical`); a repeat would count its items
+    twice and narrow every interval."""
+    seen = set()
+    for value in values:
+        key = canonical(value)
+        if key in seen:
+            raise InputError(f"{what} {value!r} is named twice")
+        seen.add(key)
+    return values
+
+
 @checked
 def budget_list(text: str) -> list[str]:
     values = names(text)
@@ -82,7 +94,7 @@ def budget_list(text: str) -> list[str]:
         raise ValueError("no budget given")
     for value in values:
         Budget.parse(value)
-    return values
+    return once(values, "budget", lambda value: str(Budget.parse(value)))
 
 
 @checked
@@ -114,7 +126,7 @@ def policy_list(text: str) -> list[str]:
     unknown = [s.split(":")[0] for s in specs if s.split(":")[0].strip() not in policy_names()]
     if unknown or not specs:
         raise ValueError(f"unknown policy {', '.join(unknown) or '(none)'}; choose from {', '.join(policy_names())}")
-    return [_check_policy(spec) for spec in specs]
+    return once([_check_policy(spec) for spec in specs], "policy")
 
 
 shard = checked(parse_shard)

@@ -45,6 +45,31 @@ def check_folder(path: Path | None, option: str = "--out") -> None:
     _writable_folder(path, option)
 
 
+OUTPUTS = (("out", "--out"), ("per_distance", "--per-distance"))  # (argument, flag) of every output file
+INPUTS = (("trace", "the input trace"), ("problems", "the input problems"))  # files a command reads
+
+
+def check_distinct(args: argparse.Namespace) -> None:
+    """Refuse two outputs that resolve to one path, and an output that resolves to an input file (the
+    input would be overwritten): before anything is read or written."""
+    written: dict[Path, str] = {}
+    for attribute, flag in OUTPUTS:
+        value = getattr(args, attribute, None)
+        if value is None:
+            continue
+        path = Path(value).resolve()
+        if path in written:
+            raise InputError(f"{flag} {value} is also {written[path]}: name two files")
+        written[path] = flag
+    for attribute, what in INPUTS:
+        value = getattr(args, attribute, None)
+        if value is None or not Path(str(value)).is_file():
+            continue
+        path = Path(str(value)).resolve()
+        if path in written:
+            raise InputError(f"{written[path]} {value} is {what}: it would be overwritten; name another file")
+
+
 def emit(frame: pd.DataFrame, args: argparse.Namespace) -> None:
     """A table to ``--out`` (the path printed last) or to stdout in ``--format``."""
     from forward_influence.outputs import write_table

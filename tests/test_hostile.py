@@ -100,6 +100,13 @@ BAD_BEFORE_LOADING = [
     (["learn", "--docs", "0"], "--docs: must be at least 1"),
     (["verify", "--max-tokens", "0"], "--max-tokens: must be at least 1"),
     (["trace", "missing.jsonl", "--out", "{tmp}/t.jsonl", "--limit", "0"], "--limit: must be at least 1"),
+    # no input destroyed, no two outputs on one path, no item counted twice
+    (["score", "{input}", "--out", "{input}"], "--out {input} is the input trace: it would be overwritten"),
+    (["trace", "{input}", "--limit", "1", "--out", "{input}"], "--out {input} is the input problems"),
+    (["influence", "essay:gap", "--out", "{tmp}/s.csv", "--per-distance", "{tmp}/s.csv"], "is also --out"),
+    (["eval", "--policies", "random,random"], "policy 'random' is named twice"),
+    (["eval", "--policies", "snapkv", "--budgets", "0.5,0.50"], "budget '0.50' is named twice"),
+    (["influence", "essay:gap", "--select", "random,random"], "--select: selection 'random' is named twice"),
 ]
 
 
@@ -110,6 +117,7 @@ def files(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "fine"}\n{"id": oops}\n')
     (tmp_path / "plain.txt").write_text("a file, not a folder")
+    (tmp_path / "input.jsonl").write_text('{"id": "a", "text": "an input that must survive"}\n')
     return tmp_path
 
 
@@ -120,6 +128,7 @@ def _argv(argv: list[str], tmp_path) -> list[str]:
         binary=str(tmp_path / "binary.txt"),
         latin1=str(tmp_path / "latin1.txt"),
         jsonl=str(tmp_path / "bad.jsonl"),
+        input=str(tmp_path / "input.jsonl"),
     )
     return [a.format(**names) for a in argv]
 
@@ -135,7 +144,7 @@ def _one_error(capsys, argv, message, tmp_path, loaded: bool = False) -> str:
     if loaded:
         err = err.strip().splitlines()[-1] + "\n"
     assert err.count("\n") == 1 and err.startswith("error: "), err
-    assert message.format(file=tmp_path / "plain.txt") in err, err
+    assert message.format(file=tmp_path / "plain.txt", input=tmp_path / "input.jsonl") in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing half-written
     return err
 
@@ -243,3 +252,15 @@ def test_a_crafted_file_in_an_eval_cache_is_refused_by_the_cli(capsys, tmp_path)
     )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("error: ") and "love.parquet is not a cache file this toolkit wrote" in err
+
+
+def test_an_output_on_the_input_leaves_the_input_byte_identical(capsys, files):
+    source = files / "input.jsonl"
+    before = source.read_bytes()
+    for argv in (["score", str(source), "--out", str(source)], ["trace", str(source), "--out", str(source)]):
+        assert main(argv) == 2
+        assert source.read_bytes() == before
+    link = files / "link.jsonl"
+    link.symlink_to(source)  # the same file under another name is the same file
+    assert main(["score", str(source), "--out", str(link)]) == 2 and source.read_bytes() == before
+    assert "is the input trace" in capsys.readouterr().err
