@@ -51,6 +51,8 @@ BAD_BEFORE_LOADING = [
     ),
     (["score", "essay:gap", "--policy", "optimal:starts=oracle"], "optimal: starts must be uniform or online policies"),
     (["score", "essay:gap", "--policy", "optimal:budget=2"], "optimal: budget must lie in (0, 1]"),
+    (["score", "essay:gap", "--policy", "rkv:lam=-1"], "rkv: lam must lie in [0, 1], got -1.0"),
+    (["score", "essay:gap", "--policy", "rkv:threshold=5"], "rkv: threshold must lie in [-1, 1], got 5.0"),
     (
         ["generate", "hi", "--policy", "snapkv:window=0", "--budget", "0.5"],
         "snapkv: window must be an integer of at least 1",

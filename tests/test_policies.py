@@ -14,7 +14,7 @@ from forward_influence.observation import LayerObservation, Observation, observe
 from forward_influence.tracer import Tracer, expand_cache
 from kv_compression.budget import Budget, eviction_specs, kept_indices
 from kv_compression.offline import observation, reads
-from kv_compression.policies import H2O, RKV, TOVA, InfoKV, Knorm, PyramidKV, SnapKV, StreamingLLM
+from kv_compression.policies import H2O, POLICIES, RKV, TOVA, InfoKV, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kv_compression.policies.infokv import normalise
 
 from conftest import ONLINE, VOCAB, small_policy, tiny_model
@@ -330,3 +330,44 @@ def test_learned_scores_each_token_once_from_its_bands_signals(obs):
     assert len(obs.derived) == derived  # derived once for all layers
     with pytest.raises(InputError, match="3 weights for 1 band"):
         Learned(weights=(1.0, 2.0, 3.0))
+
+
+def _outside(kind) -> list:
+    """Values outside a field's declaration: below an interval or a count, non-finite, of the wrong type."""
+    import math
+    import typing
+
+    from kv_compression.policies.base import AT_LEAST_ONE, Interval
+
+    args = typing.get_args(kind)
+    interval = next((a for a in args[1:] if isinstance(a, Interval)), None)
+    if interval is not None:
+        below = interval.low if interval.open_low else interval.low - 0.5
+        above = [] if math.isinf(interval.high) else [interval.high + 0.5]
+        return [below, *above, float("nan"), "text"]
+    if AT_LEAST_ONE in args[1:]:
+        return [0, -1, 1.5, True]
+    if typing.get_origin(kind) is typing.Literal:
+        return ["no-such-option"]
+    if kind is bool:
+        return ["yes"]
+    if kind is int:
+        return [-1, 2.5]
+    if kind is float:
+        return [float("inf"), float("nan")]
+    return []
+
+
+def test_every_policy_field_refuses_values_outside_its_declaration():
+    import dataclasses
+    import typing
+
+    checked = 0
+    for name, cls in POLICIES.items():
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for field in dataclasses.fields(cls):
+            for value in _outside(hints[field.name]):
+                with pytest.raises(InputError, match=rf"^{name}: {field.name} must"):
+                    cls(**{field.name: value})
+                checked += 1
+    assert checked > 100  # every policy declares its knobs; the walk is not empty

@@ -29,6 +29,29 @@ AT_LEAST_ONE = "at least 1"
 Count = Annotated[int, AT_LEAST_ONE]  # a window, kernel or k: a positive integer
 
 
+@dataclass(frozen=True)
+class Interval:
+    """The values a number field may take: ``[low, high]``, or ``(low, high]`` when `open_low`."""
+
+    low: float
+    high: float
+    open_low: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (self.low < value if self.open_low else self.low <= value) and value <= self.high
+
+    def __str__(self) -> str:
+        high = "inf)" if math.isinf(self.high) else f"{self.high:g}]"
+        return f"{'(' if self.open_low else '['}{self.low:g}, {high}"
+
+
+Ratio = Annotated[float, Interval(0, 1)]  # a mixing weight or a share
+Share = Annotated[float, Interval(0, 1, open_low=True)]  # a share that must keep something
+Cosine = Annotated[float, Interval(-1, 1)]  # a cosine similarity
+Positive = Annotated[float, Interval(0, math.inf, open_low=True)]  # a step size or a scale
+NonNegative = Annotated[float, Interval(0, math.inf)]  # an offset or a regulariser
+
+
 def group_reduce(x: torch.Tensor, num_kv_heads: int, how: GroupReduce = "mean") -> torch.Tensor:
     """``[batch, heads, tokens]`` -> ``[batch, kv_heads, tokens]`` over each GQA group (mean or max)."""
     b, h, t = x.shape
@@ -85,12 +108,18 @@ def normalise(x: torch.Tensor, how: Literal["zscore", "rank"]) -> torch.Tensor:
 
 def check_fields(policy: object) -> None:
     """Raise `InputError` for a field value outside its declared type: a `Literal` option not among
-    its choices, a bool that is not one, a `Count` below 1, a negative integer or a non-finite number."""
+    its choices, a bool that is not one, a `Count` below 1, a number outside its declared `Interval`
+    (`Ratio`, `Share`, `Cosine`, `Positive`, `NonNegative`), a negative integer or a non-finite number."""
     hints = typing.get_type_hints(type(policy), include_extras=True)
     for field in dataclasses.fields(policy):
         value, kind = getattr(policy, field.name), hints.get(field.name)
         where = f"{getattr(policy, 'name', type(policy).__name__)}: {field.name}"
-        if typing.get_origin(kind) is Annotated and AT_LEAST_ONE in typing.get_args(kind)[1:]:
+        interval = next((a for a in typing.get_args(kind)[1:] if isinstance(a, Interval)), None)
+        if typing.get_origin(kind) is Annotated and interval is not None:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value not in interval:
+                raise InputError(f"{where} must lie in {interval}, got {value!r}")
+        elif typing.get_origin(kind) is Annotated and AT_LEAST_ONE in typing.get_args(kind)[1:]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{where} must be an integer of at least 1, got {value!r}")
         elif typing.get_origin(kind) is Literal:

@@ -7,7 +7,7 @@ import torch
 from forward_influence.defaults import QUERY_WINDOW, SINKS
 from forward_influence.observation import Observation, Reads
 
-from .base import Count, Policy, protect
+from .base import Count, NonNegative, Policy, protect
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class ExpectedAttention(Policy):
     sinks: int = SINKS
     covariance: bool = True
     value_norm: bool = True
-    epsilon: float = 0.0
+    epsilon: NonNegative = 0.0
 
     def reads(self) -> Reads:
         return Reads(window=self.window)

@@ -6,10 +6,9 @@ from typing import Literal
 import torch
 
 from forward_influence.defaults import WINDOW
-from forward_influence.errors import InputError
 from forward_influence.observation import Observation, Reads
 
-from .base import Count, Policy, normalise, protect
+from .base import Count, NonNegative, Policy, Ratio, normalise, protect
 from .entropy import Alignment
 from .snapkv import window_attention
 
@@ -49,8 +48,8 @@ class InfoKV(Policy):
     """
 
     name = "infokv"
-    alpha: float = 0.9
-    tau: float = 1.0
+    alpha: Ratio = 0.9
+    tau: NonNegative = 1.0
     top_k: Count = 256
     alignment: Alignment = "generated"
     evolution: EvolutionMeasure = "to_final"
@@ -58,13 +57,6 @@ class InfoKV(Policy):
     window: Count = WINDOW
     kernel: Count = 5
     sinks: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.alpha <= 1:
-            raise InputError(f"infokv: alpha must lie in [0, 1], got {self.alpha}")
-        if self.tau < 0:
-            raise InputError(f"infokv: tau must be at least 0, got {self.tau}")
 
     def reads(self) -> Reads:
         k = frozenset({self.top_k})

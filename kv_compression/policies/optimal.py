@@ -8,7 +8,7 @@ from forward_influence.errors import InputError
 from forward_influence.observation import Observation, Reads
 from forward_influence.set_optimum import SetSearch
 
-from .base import Count, Policy
+from .base import Count, Policy, Positive, Share
 
 UNIFORM = "uniform"  # the start with every score equal
 
@@ -31,18 +31,14 @@ class Optimal(Policy):
 
     name = "optimal"
     online = False
-    budget: float = 0.25
+    budget: Share = 0.25
     distance: Count = 256
     steps: Count = 20
-    lr: float = 0.05
+    lr: Positive = 0.05
     starts: str = "uniform+h2o+expected-attention"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.budget <= 1:
-            raise InputError(f"optimal: budget must lie in (0, 1], got {self.budget}")
-        if not self.lr > 0:
-            raise InputError(f"optimal: lr must be positive, got {self.lr}")
         from . import POLICIES  # the registry imports this module
 
         for start in self.start_names:

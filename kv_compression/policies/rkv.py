@@ -6,7 +6,7 @@ import torch
 
 from forward_influence.observation import Observation, Reads
 
-from .base import Count, Policy, group_reduce, pool, protect
+from .base import Cosine, Count, Policy, Ratio, group_reduce, pool, protect
 
 
 @dataclass
@@ -24,8 +24,8 @@ class RKV(Policy):
     name = "rkv"
     window: Count = 8
     kernel: Count = 7
-    lam: float = 0.1
-    threshold: float = 0.5
+    lam: Ratio = 0.1
+    threshold: Cosine = 0.5
 
     def reads(self) -> Reads:
         return Reads(window=self.window)
