@@ -54,7 +54,7 @@ def add(command) -> None:
     )
     p.add_argument(
         "--head-floor",
-        type=float,
+        type=options.share,
         default=None,
         help="per-head allocation (AdaKV): each KV head keeps at least this share of the uniform "
         "per-head budget, the rest goes to the best scores across heads (default: uniform heads)",
@@ -150,6 +150,8 @@ def score(args: argparse.Namespace) -> None:
     from kv_compression.names import parse
 
     outputs.check_file(args.out)
+    if args.head_floor is not None and not args.policy:
+        raise InputError("--head-floor applies to --policy, and no --policy is given")
     budget = replace(args.budget, head_floor=args.head_floor) if args.policy else None
     policies = [parse(spec, args.model) for spec in args.policy or []]
     tracer, traces = options.tracer_and_traces(args)

@@ -70,6 +70,18 @@ def fraction(text: str) -> float:
 budget = checked(Budget.parse)
 
 
+@checked
+def share(text: str) -> float:
+    """A number in [0, 1] (nan and inf refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:  # false for nan
+        raise ValueError(f"must lie in [0, 1], got {text}")
+    return value
+
+
 def names(text: str) -> list[str]:
     """Comma-separated names, blanks dropped."""
     return [name.strip() for name in text.split(",") if name.strip()]

@@ -51,6 +51,9 @@ BAD_BEFORE_LOADING = [
     ),
     (["score", "essay:gap", "--policy", "optimal:starts=oracle"], "optimal: starts must be uniform or online policies"),
     (["score", "essay:gap", "--policy", "optimal:budget=2"], "optimal: budget must lie in (0, 1]"),
+    (["score", "essay:gap", "--head-floor", "2"], "--head-floor: must lie in [0, 1], got 2"),
+    (["score", "essay:gap", "--head-floor", "nan"], "--head-floor: must lie in [0, 1], got nan"),
+    (["score", "essay:gap", "--head-floor", "0.5"], "--head-floor applies to --policy, and no --policy is given"),
     (["score", "essay:gap", "--policy", "rkv:lam=-1"], "rkv: lam must lie in [0, 1], got -1.0"),
     (["score", "essay:gap", "--policy", "rkv:threshold=5"], "rkv: threshold must lie in [-1, 1], got 5.0"),
     (
@@ -66,8 +69,8 @@ BAD_BEFORE_LOADING = [
     (["generate", "hi", "--policy", "snapkv", "--budget", "0.5", "--max-new-tokens", "0"], "--max-new-tokens: must be"),
     (["generate", "hi", "--policy", "snapkv", "--budget", "0.5", "--buffer", "-1"], "--buffer: must be at least 0"),
     (["generate", "hi", "--policy", "snapkv", "--budget", "0.5", "--seed", "-1"], "--seed: must be at least 0"),
-    (["score", "essay:gap", "--policy", "snapkv", "--head-floor", "1.5"], "--head-floor must lie in [0, 1], got 1.5"),
-    (["score", "essay:gap", "--policy", "snapkv", "--head-floor", "nan"], "--head-floor must lie in [0, 1]"),
+    (["score", "essay:gap", "--policy", "snapkv", "--head-floor", "1.5"], "--head-floor: must lie in [0, 1], got 1.5"),
+    (["score", "essay:gap", "--policy", "snapkv", "--head-floor", "nan"], "--head-floor: must lie in [0, 1], got nan"),
     # measurement settings
     (["influence", "essay:gap", "--fraction", "0"], "fraction must lie in (0, 1), got 0"),
     (["influence", "essay:gap", "--fraction", "nan"], "fraction must lie in (0, 1)"),
