@@ -9,7 +9,7 @@ from forward_influence.errors import InputError
 from kv_compression.runtime import BUFFER
 
 from . import options
-from .options import add_model, non_negative_int, positive_int
+from .options import add_model, positive_int
 
 EXAMPLES = {
     "generate": "forward-influence generate --trace essay:gap --max-tokens 1024 --policy infokv --budget 0.25",
@@ -45,7 +45,7 @@ def add(command) -> None:
     p.add_argument(
         "--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy decoding"
     )
-    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=options.seed, default=0, help="sampling seed (default 0)")
 
     command("policies", "list the compression policies with their rules and fields")
 

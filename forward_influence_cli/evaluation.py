@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import options, outputs
-from .options import add_model, non_negative_int, positive_int
+from .options import add_model, positive_int
 
 EXAMPLES = {
     "learn": "forward-influence learn --model smollm2-135m-instruct --docs 8",
@@ -52,9 +52,7 @@ def add(command) -> None:
         help="compression interval (new tokens between compressions) of the decoding tasks "
         "(default: each task's own; long-decode 128)",
     )
-    p.add_argument(
-        "--seed", type=non_negative_int, default=0, help="seed (default 0); the same seed gives identical CSVs"
-    )
+    p.add_argument("--seed", type=options.seed, default=0, help="seed (default 0); the same seed gives identical CSVs")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     p.add_argument(
         "--shard",

@@ -11,7 +11,7 @@ import pandas as pd
 from forward_influence.errors import InputError
 
 from . import options, outputs
-from .options import add_model, add_trace, fraction, non_negative_int, positive_int
+from .options import add_model, add_trace, fraction, positive_int
 
 EXAMPLES = {
     "compare": "forward-influence compare 'essay:*' --max-tokens 512 --budget 0.25 --out compare-run",
@@ -65,7 +65,7 @@ def add(command) -> None:
     p.add_argument(
         "--budget", type=options.budget, default="0.25", help="budget of the selection comparison (default 0.25)"
     )
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random selection (default 0)")
+    p.add_argument("--seed", type=options.seed, default=0, help="seed of the random selection (default 0)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default demo-<date-time>)")
 
 

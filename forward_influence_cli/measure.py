@@ -93,7 +93,7 @@ def add(command) -> None:
     p.add_argument(
         "--buckets", type=_edges, default="1,9,33,129,513", help="distance bucket starts (default %(default)s)"
     )
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random selection (default 0)")
+    p.add_argument("--seed", type=options.seed, default=0, help="seed of the random selection (default 0)")
     p.add_argument("--per-distance", type=Path, default=None, help="also write the per-distance table to FILE")
     add_out(p)
 

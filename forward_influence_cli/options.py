@@ -54,6 +54,15 @@ def _integer(text: str, least: int) -> int:
 
 positive_int = checked(lambda text: _integer(text, 1))
 non_negative_int = checked(lambda text: _integer(text, 0))
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take every seed up to here
+
+
+@checked
+def seed(text: str) -> int:
+    value = _integer(text, 0)
+    if value > MAX_SEED:
+        raise ValueError(f"must be at most {MAX_SEED}, got {value}")
+    return value
 
 
 @checked

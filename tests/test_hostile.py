@@ -51,6 +51,8 @@ BAD_BEFORE_LOADING = [
     ),
     (["score", "essay:gap", "--policy", "optimal:starts=oracle"], "optimal: starts must be uniform or online policies"),
     (["score", "essay:gap", "--policy", "optimal:budget=2"], "optimal: budget must lie in (0, 1]"),
+    (["influence", "essay:gap", "--seed", "100000000000000000000000"], "--seed: must be at most 4294967295"),
+    (["eval", "--seed", "1e23"], "--seed: expected an integer, got '1e23'"),
     (["score", "essay:gap", "--head-floor", "2"], "--head-floor: must lie in [0, 1], got 2"),
     (["score", "essay:gap", "--head-floor", "nan"], "--head-floor: must lie in [0, 1], got nan"),
     (["score", "essay:gap", "--head-floor", "0.5"], "--head-floor applies to --policy, and no --policy is given"),
