@@ -9,7 +9,8 @@ oracle and `analyses.learned` read it), and estimated from the gates' gradients
 - ``gradient_vs_exact_per_document.csv``: per document, the Spearman correlation of the estimate with
   the exact ``fi_near`` and ``fi_far``, the overlap of their top 10% (the share of the exact top 10%
   that the estimate also ranks in its top 10%), and both times;
-- ``gradient_vs_exact.csv``: the mean of each over documents with its 95% Student-t interval, and
+- ``gradient_vs_exact.csv``: the mean of each over documents with its 95% interval
+  (`forward_influence.stats.mean_ci`), and
   ``speed_ratio``, the exact CPU time over the gradient's summed over documents;
 - ``gradient_vs_exact.png``: the estimate against the exact ``fi_far`` of every token (rank space,
   a colour per document).
