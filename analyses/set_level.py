@@ -21,7 +21,8 @@ other policy; the search's own numbers (relaxed loss, each start's exact KL, CPU
   the ~80 000 entries a per-head set evicts by a replay is out of reach, so this ratio is an estimate,
   where the oracle's is exact.
 
-The optimal rows are cached per document under ``<out>/cache/<model>/set-level/``; ``--shard I/N``
+The optimal rows are cached per document under ``<out>/cache/<model>/set-level/``, and the kept sets
+of each document and budget under its ``sets/`` (`sets_file`); ``--shard I/N``
 fills the cache with every N-th document from the I-th and writes no table.
 
     python -m analyses.set_level data/results/smollm2-135m-instruct/fidelity/results.csv --docs 16 \\
@@ -36,16 +37,18 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors.torch import save_file
 
 from forward_influence.gradient import fisher_influence
 from forward_influence.influence import clean_run
 from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
-from forward_influence.outputs import write_table
+from forward_influence.outputs import atomic_path, write_table
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget, kept_masks
 from kv_compression.offline import observation
 from kv_compression.policies import Optimal
 
+from . import cache
 from .documents import add_shard_option, cache_folder, per_document
 from .headroom import headroom, interaction, plot_headroom
 from .learned import evaluation_documents
@@ -54,9 +57,18 @@ from .tasks.fidelity import Fidelity, fidelity_rows
 CEILING = Optimal.name
 
 
-def search_rows(tracer: Tracer, item: str, token_ids: list[int], budgets: list[str], task: Fidelity) -> pd.DataFrame:
+def sets_file(folder: Path, item: str, budget: str) -> Path:
+    """Where `search_rows` keeps one document's optimal sets at one budget."""
+    return folder / cache.file_name(f"{item}@{budget}").replace(".parquet", ".safetensors")
+
+
+def search_rows(
+    tracer: Tracer, item: str, token_ids: list[int], budgets: list[str], task: Fidelity, sets: Path | None = None
+) -> pd.DataFrame:
     """The fidelity rows of `optimal` on one document, searched for each budget, with the search's
-    diagnostics and the interaction measurement (module docstring)."""
+    diagnostics and the interaction measurement (module docstring). With `sets`, each budget's kept
+    sets go there too (`sets_file`: ``kept``, uint8 ``[searched layers, kv_heads, tokens]``, and
+    ``layers``), so what the optimum keeps can be described without searching again."""
     ids = list(token_ids[: task.prefix + task.continuation])
     clean = clean_run(tracer, ids, hidden=False)
     generator = torch.Generator(device=tracer.device).manual_seed(0)
@@ -72,6 +84,10 @@ def search_rows(tracer: Tracer, item: str, token_ids: list[int], budgets: list[s
         optimum = obs.set_optimum[policy.search()]
         kept = kept_masks(policy, obs, Budget.parse(budget))
         summed = sum(float(single[layer][~mask[0]].sum()) for layer, mask in enumerate(kept) if mask is not None)
+        if sets is not None:
+            searched = torch.stack([kept[layer][0] for layer in optimum.layers]).to(torch.uint8).cpu()
+            with atomic_path(sets_file(sets, item, budget)) as path:
+                save_file({"kept": searched, "layers": torch.tensor(optimum.layers)}, str(path))
         rows.append(
             dict(
                 row,
@@ -97,11 +113,13 @@ def optimal_rows(
 ) -> pd.DataFrame:
     """`search_rows` on each of the `docs` fidelity documents; cached per document."""
     tracer, task = Tracer(loaded), Fidelity()
+    folder = cache_folder(out, loaded.name) / "set-level"
     return per_document(
         evaluation_documents(loaded.tokenizer, docs),
-        # the fidelity task's item id
-        lambda document: search_rows(tracer, document.id.removeprefix("essay:"), document.token_ids, budgets, task),
-        cache_folder(out, loaded.name) / "set-level",
+        lambda document: search_rows(
+            tracer, document.id.removeprefix("essay:"), document.token_ids, budgets, task, folder / "sets"
+        ),
+        folder,
         dict(budgets=list(budgets), search=repr(Optimal().search()), fidelity=[task.prefix, task.continuation]),
         "set search",
         progress,

@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 from scipy import stats
 
 from analyses.gradient_influence import per_document_comparison, summary
 from analyses.heatmap import heat
-from analyses.set_level import search_rows
+from analyses.set_level import search_rows, sets_file
 from analyses.tasks.fidelity import Fidelity
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
@@ -158,12 +159,14 @@ def test_gradient_comparison_tables_from_known_ranks():
     assert table.spearman_fi_far_mean == pytest.approx(1)
 
 
-def test_search_rows_measure_optimal_exactly_beside_its_search(tiny):
+def test_search_rows_measure_optimal_exactly_beside_its_search(tiny, tmp_path):
     ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     task = Fidelity(prefix=TIME + 1, continuation=DISTANCE)
-    rows = search_rows(tiny, "doc", ids, ["0.25", "0.5"], task)
+    rows = search_rows(tiny, "doc", ids, ["0.25", "0.5"], task, sets=tmp_path)
     assert list(rows.budget) == ["0.25", "0.5"] and (rows.policy == "optimal").all()
     assert (rows.set_kl == rows.kl).all() and (rows.summed_single_kl > 0).all()
     best = rows.apply(lambda r: r[f"kl_{r.start}"], axis=1)
     assert np.allclose(best, rows.kl, atol=1e-5)  # the reported number is the exact replay of the best start
     assert (rows[[f"kl_{s}" for s in Optimal().start_names]].min(axis=1) <= rows.kl + 1e-6).all()
+    kept = load_file(sets_file(tmp_path, "doc", "0.25"))["kept"]  # [searched layers, kv_heads, tokens]
+    assert kept.shape[1:] == (2, TIME + 1) and (kept.sum(dim=-1) == 7).all()  # 25% of 26, rounded up
