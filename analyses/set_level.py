@@ -14,6 +14,8 @@ other policy; the search's own numbers (relaxed loss, each start's exact KL, CPU
   KL (the quantity the search minimises), with a 95% percentile-bootstrap interval over documents,
   and the NLL increase beside it; ``headroom_nll.csv``, the same places on the NLL increase;
 - ``headroom.png``: the places with their intervals;
+- ``sets.csv`` + ``sets.png``: what the optimal sets keep beside H2O's and InfoKV's (`describe_sets`:
+  overlap, position, and the kept share by decile of entropy and of attention);
 - ``interaction.csv``: per budget, the KL of `optimal`'s whole evicted set against the sum of its
   entries' single influences (each token evicted from one layer and KV head alone), and the ratio of
   their means (`analyses.headroom.interaction`). The single influences are the Fisher estimates of
@@ -35,23 +37,28 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import seaborn as sns
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from scipy import stats
 
 from forward_influence.gradient import fisher_influence
 from forward_influence.influence import clean_run
 from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
 from forward_influence.outputs import atomic_path, write_table
+from forward_influence.signals import token_signals
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget, kept_masks
 from kv_compression.offline import observation
-from kv_compression.policies import Optimal
+from kv_compression.policies import H2O, InfoKV, Optimal
 
 from . import cache
 from .documents import add_shard_option, cache_folder, per_document
 from .headroom import headroom, interaction, plot_headroom
 from .learned import evaluation_documents
+from .plotting import save_figure, theme
 from .tasks.fidelity import Fidelity, fidelity_rows
 
 CEILING = Optimal.name
@@ -127,6 +134,80 @@ def optimal_rows(
     )
 
 
+COMPARED = {"h2o": H2O(), "infokv": InfoKV()}  # the sets the optimum's are described beside
+DECILE_SIGNALS = ("entropy_next", "attention_snapkv")
+
+
+def describe_sets(loaded: LoadedModel, docs: int, budgets: list[str], out: Path) -> pd.DataFrame:
+    """What the optimal sets keep, beside H2O's and InfoKV's, on the documents whose sets `optimal_rows`
+    kept: one row per document, budget and policy with ``jaccard`` (of the kept (layer, KV head, token)
+    slots with the optimum's, over the searched layers), ``position`` (mean position of the kept slots,
+    a share of the prefix) and ``<signal>_d<k>`` (the share of kept slots among the tokens of the k-th
+    decile of the signal, k = 1..10, for the top-k entropy of the next token and the SnapKV attention
+    a token receives from the prefix's last window)."""
+    tracer, task = Tracer(loaded), Fidelity()
+    folder = cache_folder(out, loaded.name) / "set-level" / "sets"
+    rows = []
+    for document in evaluation_documents(loaded.tokenizer, docs):
+        item = document.id.removeprefix("essay:")
+        if not all(sets_file(folder, item, budget).is_file() for budget in budgets):
+            continue
+        ids = document.token_ids[: task.prefix]
+        obs = observation(tracer, ids, list(COMPARED.values()))
+        signals = token_signals(tracer, ids)
+        deciles = {
+            name: np.minimum((stats.rankdata(signals.get(name)) - 1) * 10 // len(ids), 9).astype(int)
+            for name in DECILE_SIGNALS
+        }
+        for budget in budgets:
+            stored = load_file(str(sets_file(folder, item, budget)))
+            layers = stored["layers"].tolist()
+            kept = {CEILING: stored["kept"].bool()}
+            for name, policy in COMPARED.items():
+                masks = kept_masks(policy, obs, Budget.parse(budget))
+                kept[name] = torch.stack([masks[layer][0] for layer in layers]).cpu()
+            for name, mask in kept.items():
+                row = dict(document=document.id, budget=budget, policy=name)
+                row["jaccard"] = float((mask & kept[CEILING]).sum() / (mask | kept[CEILING]).sum())
+                row["position"] = float(mask.nonzero()[:, -1].float().mean() / len(ids))
+                share = mask.float().mean(dim=(0, 1)).numpy()  # per token: kept share of its slots
+                for signal, decile in deciles.items():
+                    for k in range(10):  # ties can leave a decile empty: NaN, not a warning
+                        members = share[decile == k]
+                        row[f"{signal}_d{k + 1}"] = float(members.mean()) if members.size else np.nan
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_sets(described: pd.DataFrame, title: str, path: Path) -> list[Path]:
+    """The kept share by decile of each signal (columns), per budget (rows), a line per policy."""
+    theme()
+    long = described.melt(
+        id_vars=["document", "budget", "policy"],
+        value_vars=[c for c in described.columns if c.startswith(DECILE_SIGNALS)],
+    )
+    long["signal"] = long.variable.str.rsplit("_d", n=1).str[0]
+    long["decile"] = long.variable.str.rsplit("_d", n=1).str[1].astype(int)
+    grid = sns.relplot(
+        long,
+        x="decile",
+        y="value",
+        hue="policy",
+        row="budget",
+        col="signal",
+        kind="line",
+        marker="o",
+        errorbar=("ci", 95),
+        height=2.6,
+        aspect=1.4,
+        facet_kws=dict(sharey="row"),
+    )
+    grid.set_axis_labels("decile of the signal (1 = lowest)", "kept share of its slots")
+    grid.figure.suptitle(title, fontsize=10)
+    grid.figure.subplots_adjust(top=0.9)
+    return save_figure(grid.figure, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="the results.csv of `forward-influence eval --task fidelity`")
@@ -141,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--docs: the intervals over documents need at least 2, not {args.docs}")
     out = args.out or args.results.parent
     results = pd.read_csv(args.results, dtype={"budget": str})
-    optimal = optimal_rows(load_model(args.model), args.docs, sorted(results.budget.unique()), out, args.shard)
+    loaded, budgets = load_model(args.model), sorted(results.budget.unique())
+    optimal = optimal_rows(loaded, args.docs, budgets, out, args.shard)
     if args.shard is not None:
         print(cache_folder(out, args.model) / "set-level")
         return
@@ -150,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     write_table(table, out / "headroom.csv")
     write_table(headroom(results, optimal, CEILING, "nll_increase", beside=("kl",)), out / "headroom_nll.csv")
     write_table(interaction(optimal), out / "interaction.csv")
+    described = describe_sets(loaded, args.docs, budgets, out)
+    if len(described):
+        write_table(described, out / "sets.csv")
+        plot_sets(
+            described, f"{args.model}: what each policy keeps, {described.document.nunique()} documents", out / "sets"
+        )
     title = f"{args.model}: headroom on {optimal.item.nunique()} fidelity documents"
     plot_headroom(table, title, out / "headroom", ceiling="optimal", metric="the mean KL(full || compressed)")
     print(table.to_string(index=False, float_format="{:.3f}".format))

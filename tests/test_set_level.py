@@ -11,7 +11,7 @@ from scipy import stats
 
 from analyses.gradient_influence import per_document_comparison, summary
 from analyses.heatmap import heat
-from analyses.set_level import search_rows, sets_file
+from analyses.set_level import describe_sets, optimal_rows, search_rows, sets_file
 from analyses.tasks.fidelity import Fidelity
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
@@ -170,3 +170,15 @@ def test_search_rows_measure_optimal_exactly_beside_its_search(tiny, tmp_path):
     assert (rows[[f"kl_{s}" for s in Optimal().start_names]].min(axis=1) <= rows.kl + 1e-6).all()
     kept = load_file(sets_file(tmp_path, "doc", "0.25"))["kept"]  # [searched layers, kv_heads, tokens]
     assert kept.shape[1:] == (2, TIME + 1) and (kept.sum(dim=-1) == 7).all()  # 25% of 26, rounded up
+
+
+def test_the_kept_sets_are_described_beside_h2o_and_infokv(tmp_path):
+    loaded = tiny_model("llama")
+    rows = optimal_rows(loaded, 1, ["0.5"], tmp_path, progress=False)
+    described = describe_sets(loaded, 1, ["0.5"], tmp_path).set_index("policy")
+    assert list(described.index) == ["optimal", "h2o", "infokv"] and described.document.nunique() == 1
+    assert described.loc["optimal", "jaccard"] == 1.0 and (described.jaccard <= 1).all()
+    assert 0 < described.loc["optimal", "position"] < 1
+    deciles = described[[f"entropy_next_d{k}" for k in range(1, 11)]]
+    assert ((deciles >= 0) & (deciles <= 1) | deciles.isna()).all().all()
+    assert rows.kl.iloc[0] == pytest.approx(rows[f"kl_{rows.start.iloc[0]}"].iloc[0])
