@@ -12,6 +12,7 @@ unknown name or field is an `InputError` naming the choices.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 
 from forward_influence.errors import InputError
@@ -58,10 +59,11 @@ def parse(spec: str, model: str | None = None, quiet: bool = False) -> Policy:
 
         kvpress.press_class(":".join(assignments))
         return KvpressScores(press=":".join(assignments))
+    note = None  # which file a per-model policy came from: said once the whole spec is valid
     if name == CALIBRATED:
-        base = calibrated(model or "", quiet)
+        base, note = calibrated(model or "")
     elif name == LEARNED:
-        base = learned(model or "", quiet)
+        base, note = learned(model or "")
     else:
         base = POLICIES[name]()
     cls = type(base)
@@ -74,4 +76,7 @@ def parse(spec: str, model: str | None = None, quiet: bool = False) -> Policy:
                 f"{spec!r}: {assignment!r} is not FIELD=VALUE with a field of {name} ({', '.join(known) or 'none'})"
             )
         changes[field] = _value(cls, field, text)
-    return dataclasses.replace(base, **changes) if changes else base
+    policy = dataclasses.replace(base, **changes) if changes else base
+    if note and not quiet:
+        print(note, file=sys.stderr)
+    return policy

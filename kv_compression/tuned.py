@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -38,14 +37,39 @@ def user_folder(kind: Kind = "calibration") -> Path:
     return data_home() / kind
 
 
+SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {  # the keys each kind of file must hold, with their types
+    "calibration": {"settings": (dict,)},
+    "learned": {"bands": (int,), "features": (list,), "weights": (list,), "intercept": (int, float)},
+}
+
+
+def _load(path, kind: Kind) -> dict:
+    """The JSON object of a `kind` file, checked against `SCHEMA`; an `InputError` naming the file."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"not JSON ({exc})"
+        raise InputError(f"{kind} file {path}: {reason}") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{kind} file {path}: expected a JSON object, got {type(content).__name__}")
+    for key, types in SCHEMA[kind].items():
+        value = content.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join(t.__name__ for t in types)
+            raise InputError(f"{kind} file {path}: {key!r} must be a {wanted}, got {value!r:.40}")
+    return content
+
+
 def read(model: str, kind: Kind = "calibration") -> tuple[dict, str] | None:
-    """The file of `model` and where it came from (the user's or the packaged one), or None."""
+    """The file of `model` and where it came from (the user's or the packaged one), or None. A file that
+    is not a valid `kind` file (not UTF-8, not JSON, keys missing or of the wrong type) is an
+    `InputError` naming it."""
     user = user_folder(kind) / file_name(model)
     if user.is_file():
-        return json.loads(user.read_text(encoding="utf-8")), f"user file {user}"
+        return _load(user, kind), f"user file {user}"
     packaged = resources.files("kv_compression") / "data" / kind / file_name(model)
     if packaged.is_file():
-        return json.loads(packaged.read_text(encoding="utf-8")), f"packaged {kind} {file_name(model)}"
+        return _load(packaged, kind), f"packaged {kind} {file_name(model)}"
     return None
 
 
@@ -59,23 +83,29 @@ def _found(model: str, kind: Kind, name: str) -> tuple[dict, str]:
     return found
 
 
-def calibrated(model: str, quiet: bool = False) -> InfoKV:
-    """InfoKV with `model`'s calibrated settings (see the module docstring)."""
+def _built(source: str, build):
+    """The policy `build()` makes from a file, its field errors naming the file."""
+    try:
+        return build()
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+
+
+def calibrated(model: str) -> tuple[InfoKV, str]:
+    """InfoKV with `model`'s calibrated settings (see the module docstring), and the line that says so."""
     content, source = _found(model, "calibration", "infokv-calibrated")
     names = {f.name for f in dataclasses.fields(InfoKV)}
     settings = {k: v for k, v in content["settings"].items() if k in names}
-    if not quiet:
-        shown = ", ".join(f"{k}={v}" for k, v in settings.items())
-        print(f"infokv-calibrated: {shown} (from the {source})", file=sys.stderr)
-    return InfoKV(**settings)
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return _built(source, lambda: InfoKV(**settings)), f"infokv-calibrated: {shown} (from the {source})"
 
 
-def learned(model: str, quiet: bool = False) -> Learned:
-    """The learned policy with `model`'s fitted weights (see the module docstring)."""
+def learned(model: str) -> tuple[Learned, str]:
+    """The learned policy with `model`'s fitted weights (see the module docstring), and the line that
+    says so."""
     content, source = _found(model, "learned", "learned")
-    if not quiet:
-        print(
-            f"learned: {content['bands']} band(s) x {len(content['features'])} signals (from the {source})",
-            file=sys.stderr,
-        )
-    return Learned(bands=content["bands"], weights=tuple(content["weights"]), intercept=content["intercept"])
+    policy = _built(
+        source,
+        lambda: Learned(bands=content["bands"], weights=tuple(content["weights"]), intercept=content["intercept"]),
+    )
+    return policy, f"learned: {content['bands']} band(s) x {len(content['features'])} signals (from the {source})"

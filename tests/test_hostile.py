@@ -271,3 +271,38 @@ def test_an_output_on_the_input_leaves_the_input_byte_identical(capsys, files):
     link.symlink_to(source)  # the same file under another name is the same file
     assert main(["score", str(source), "--out", str(link)]) == 2 and source.read_bytes() == before
     assert "is the input trace" in capsys.readouterr().err
+
+
+USER_FILES = [
+    ("calibration", b"not json at all", "not JSON"),
+    ("calibration", b"[]", "expected a JSON object, got list"),
+    ("calibration", b"{}", "'settings' must be a dict, got None"),
+    ("calibration", '{"settings": "caf\xe9"}'.encode("latin-1"), "not UTF-8 text"),
+    ("calibration", b'{"settings": {"alpha": 7}}', "infokv: alpha must lie in [0, 1], got 7"),
+    ("learned", b'{"bands": 1, "weights": [1.0]}', "'features' must be a list, got None"),
+    ("learned", b'{"bands": true, "features": [], "weights": [], "intercept": 0}', "'bands' must be a int"),
+]
+
+
+@pytest.mark.parametrize("kind, content, message", USER_FILES)
+def test_a_broken_per_user_file_is_refused_by_name_before_the_model_loads(
+    capsys, tmp_path, monkeypatch, kind, content, message
+):
+    import forward_influence.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setenv("FORWARD_INFLUENCE_HOME", str(tmp_path))
+    path = tmp_path / kind / "smollm2-135m-instruct.json"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    policy = "infokv-calibrated" if kind == "calibration" else "learned"
+    assert main(["score", "essay:gap", "--policy", policy]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(path) in err and message in err, err
+
+
+@pytest.mark.parametrize("spec", ["learned:bands=0", "infokv-calibrated:alpha=7"])
+def test_a_bad_field_of_a_per_model_policy_is_one_line_with_no_note_before_it(capsys, spec):
+    assert main(["score", "essay:gap", "--policy", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
