@@ -61,12 +61,16 @@ def _from_record(record: dict, where: str, tokenizer: PreTrainedTokenizerBase) -
     trace_id = str(record.get("id", where))
     if "token_ids" in record:
         ids = record["token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        # JSON's true and false are Python ints too: a list of booleans is not a list of token ids.
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise InputError(f"{where}: 'token_ids' must be a list of integers")
         vocab = len(tokenizer)
         if any(i < 0 or i >= vocab for i in ids):
             raise InputError(f"{where}: a token id is outside the vocabulary (0..{vocab - 1})")
-        return Trace(trace_id, list(ids), int(record.get("prompt_length", 0)), {"source": where})
+        prompt_length = record.get("prompt_length", 0)
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or not 0 <= prompt_length <= len(ids):
+            raise InputError(f"{where}: 'prompt_length' must be an integer in [0, {len(ids)}], got {prompt_length!r}")
+        return Trace(trace_id, list(ids), prompt_length, {"source": where})
     if "prompt" in record and "completion" in record:
         ids, n_prompt = chat_ids(tokenizer, str(record["prompt"]), str(record["completion"]))
         return Trace(trace_id, ids, n_prompt, {"source": where})
@@ -106,7 +110,7 @@ def read_traces(
             for name in corpus.match_essays(spec.removeprefix("essay:"))
         ]
     elif spec == "-":
-        text = sys.stdin.read() if stdin_text is None else stdin_text
+        text = decoded(sys.stdin.buffer.read(), "stdin") if stdin_text is None else stdin_text
         lines = text.splitlines()
         nonblank = [line for line in lines if line.strip()]
         if nonblank and all(line.lstrip().startswith("{") for line in nonblank):
@@ -138,6 +142,16 @@ def _check_record(record: object, where: str) -> None:
         raise InputError(f"{where}: needs 'text', 'prompt' + 'completion', or 'token_ids'")
 
 
+def decoded(data: bytes, where: str) -> str:
+    """The UTF-8 text of a file or of stdin; a binary or non-UTF-8 input is an `InputError` naming `where`."""
+    if b"\x00" in data:
+        raise InputError(f"{where}: a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+
+
 def check_spec(spec: str) -> None:
     """Refuse, without a tokenizer (so before any model loads), a trace spec that cannot be read: a
     missing essay or file, a file that is binary or not UTF-8, a JSONL line that is not a trace record."""
@@ -153,12 +167,7 @@ def check_spec(spec: str) -> None:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{spec}: cannot be read ({exc.strerror})") from None
-    if b"\x00" in data:
-        raise InputError(f"{spec}: a binary file, not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{spec}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    text = decoded(data, spec)
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():

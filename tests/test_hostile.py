@@ -8,6 +8,10 @@ import io
 import pytest
 import torch
 
+# The commands import these lazily and bind `load_model` by name: imported here first, they hold the real
+# loader, never the stand-in a test below patches in while they would otherwise be imported.
+import analyses.demo  # noqa: F401
+import analyses.learned  # noqa: F401
 from forward_influence_cli.main import main
 
 BAD_BEFORE_LOADING = [
@@ -230,7 +234,7 @@ def test_bad_input_that_needs_the_tokenizer_is_still_one_line(capsys, files, mon
     from forward_influence.corpus import read_essay
 
     (files / "long.txt").write_text(read_essay("worked") * 2)  # about 36k tokens: beyond the 8k context
-    monkeypatch.setattr("sys.stdin", io.StringIO("two words"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"two words")))
     argv = _argv([a.replace("{long}", str(files / "long.txt")) for a in argv], files)
     err = _one_error(capsys, argv, message, files, loaded=True)
     if argv[1].endswith("long.txt"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import pytest
 
@@ -74,3 +76,26 @@ def test_essays_and_the_fixed_split(tok):
     assert len(read_traces("essay:g*", tok, max_tokens=2)) == len([n for n in names if n.startswith("g")])
     with pytest.raises(InputError, match="no essay matches"):
         read_traces("essay:zzz*", tok)
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ('{"token_ids": [true, false]}', "'token_ids' must be a list of integers"),
+        ('{"token_ids": [1, 2], "prompt_length": "abc"}', "'prompt_length' must be an integer in [0, 2], got 'abc'"),
+        ('{"token_ids": [1, 2], "prompt_length": 3}', "'prompt_length' must be an integer in [0, 2], got 3"),
+    ],
+)
+def test_a_token_id_record_is_checked_field_by_field(record, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_traces("-", tiny_tokenizer(), stdin_text=record + "\n")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [(b"text\x00\x01", "stdin: a binary file, not text"), ("café".encode("latin-1"), "stdin: not UTF-8")],
+)
+def test_stdin_is_refused_like_a_file_when_binary_or_not_utf8(monkeypatch, data, message):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    with pytest.raises(InputError, match=message):
+        read_traces("-", tiny_tokenizer())
