@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,11 @@ def _writable_folder(folder: Path, option: str) -> None:
         raise InputError(f"{option} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{option} {folder}: {existing} is not writable")
+    try:  # permissions do not tell the whole story (root under /proc or /sys, a read-only mount): try
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".forward-influence-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{option} {folder}: {existing} is not writable ({exc.strerror})") from None
 
 
 def check_file(path: Path | None, suffixes: tuple[str, ...] = TABLE_SUFFIXES, option: str = "--out") -> None:
