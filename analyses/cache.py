@@ -11,7 +11,7 @@ in the cache folder that is not such a table is refused with an `InputError` nam
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -28,9 +28,13 @@ def _canonical(key: dict) -> str:
     return json.dumps(key, sort_keys=True, default=str)
 
 
-def read(path: Path, key: dict) -> pd.DataFrame | None:
-    """The table cached at `path` if it was written with `key`, else None (missing or other settings)."""
+def read(path: Path, key: dict, columns: Sequence[str] = ()) -> pd.DataFrame | None:
+    """The table cached at `path` if it was written with `key`, else None (missing or other settings).
+    A table with that key that lacks any of `columns` was not written by the code that reads it: an
+    `InputError`, as is anything at `path` that is not a file (it would block the write after the work)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path} is in the way of a cache file (not a file); remove it")
     if not path.is_file():
         return None
     try:
@@ -40,7 +44,12 @@ def read(path: Path, key: dict) -> pd.DataFrame | None:
     stored = (table.schema.metadata or {}).get(KEY)
     if stored is None:
         raise InputError(f"{path} is not a cache file this toolkit wrote (no key inside); remove it")
-    return table.to_pandas() if stored.decode() == _canonical(key) else None
+    if stored.decode() != _canonical(key):
+        return None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path} lacks the columns {', '.join(missing)} of this cache; remove it")
+    return table.to_pandas()
 
 
 def write(path: Path, key: dict, frame: pd.DataFrame) -> Path:

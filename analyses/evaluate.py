@@ -59,7 +59,7 @@ def run_task(
     for item in tqdm(items, desc=task.name, unit="item", disable=not progress):
         path = folder / cache.file_name(item.id)
         key = dict(task=repr(task), item=item.id, tokens=item.token_ids)
-        stored = cache.read(path, key)
+        stored = cache.read(path, key, columns=("policy", "budget", "settings"))
         done = (
             {}
             if stored is None

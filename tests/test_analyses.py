@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from analyses import attention_vs_entropy as ave
-from analyses import compare, influence_by_distance, pos, selections
+from analyses import cache, compare, influence_by_distance, pos, selections
 from analyses.documents import per_document
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
@@ -116,6 +116,18 @@ def test_per_document_cache_resumes_and_recomputes_on_new_settings(tmp_path):
     per_document(docs, compute, tmp_path, {"a": 2}, progress=False)
     per_document([Trace("essay:d0", [1, 2, 3])], compute, tmp_path, {"a": 2}, progress=False)  # other tokens
     assert calls == ["essay:d0", "essay:d1", "essay:d0", "essay:d1", "essay:d0"]
+
+
+def test_a_cache_in_the_way_or_with_a_foreign_schema_is_refused_by_name(tmp_path):
+    key = {"a": 1}
+    (tmp_path / "folder.parquet").mkdir()
+    with pytest.raises(InputError, match="folder.parquet is in the way of a cache file"):
+        cache.read(tmp_path / "folder.parquet", key)
+    cache.write(tmp_path / "item.parquet", key, pd.DataFrame({"policy": ["snapkv"], "budget": ["0.5"]}))
+    assert cache.read(tmp_path / "item.parquet", key, columns=("policy",)).policy.tolist() == ["snapkv"]
+    with pytest.raises(InputError, match="item.parquet lacks the columns settings of this cache"):
+        cache.read(tmp_path / "item.parquet", key, columns=("policy", "budget", "settings"))
+    assert cache.read(tmp_path / "item.parquet", {"a": 2}, columns=("settings",)) is None  # other settings
 
 
 def test_token_tables_rank_a_signal_that_orders_far_influence():
