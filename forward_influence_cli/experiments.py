@@ -26,7 +26,7 @@ def add(command) -> None:
     add_model(p)
     p.add_argument(
         "--budget",
-        type=options.budget,
+        type=options.offline_budget,
         default="0.25",
         help="what each selection keeps of the prefix: a ratio in (0, 1] or a token count (default 0.25)",
     )
@@ -46,7 +46,7 @@ def add(command) -> None:
     )
     p.add_argument(
         "--budget",
-        type=options.budget,
+        type=options.offline_budget,
         default="0.25",
         help="budget of a policy:NAME signal, whose evicted tokens are marked",
     )
@@ -63,7 +63,10 @@ def add(command) -> None:
     p.add_argument("--fraction", type=fraction, default=0.1, help="share of the prefix evicted (default 0.1)")
     p.add_argument("--evict-at", type=int, default=384, help="eviction time t (default 384)")
     p.add_argument(
-        "--budget", type=options.budget, default="0.25", help="budget of the selection comparison (default 0.25)"
+        "--budget",
+        type=options.offline_budget,
+        default="0.25",
+        help="budget of the selection comparison (default 0.25)",
     )
     p.add_argument("--seed", type=options.seed, default=0, help="seed of the random selection (default 0)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default demo-<date-time>)")
@@ -91,6 +94,8 @@ def heatmap(args: argparse.Namespace) -> None:
     tracer, traces = options.tracer_and_traces(args)
     if len(traces) != 1:
         raise InputError(f"heatmap shows one trace; {args.trace!r} names {len(traces)}")
+    if args.signal.startswith("policy:"):
+        options.check_budget_fits(args.budget, traces)
     shown = shade.heat(tracer, traces[0], args.signal, args.budget, model=args.model)
     title = f"{args.model}: {traces[0].id}, {len(traces[0])} tokens, shaded by {args.signal}"
     print(shade.write(shown, title, args.out))

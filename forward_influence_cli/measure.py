@@ -48,7 +48,7 @@ def add(command) -> None:
     )
     p.add_argument(
         "--budget",
-        type=options.budget,
+        type=options.offline_budget,
         default="0.25",
         help="budget of --policy: a ratio in (0, 1] or a token count (default 0.25)",
     )
@@ -155,6 +155,8 @@ def score(args: argparse.Namespace) -> None:
     budget = replace(args.budget, head_floor=args.head_floor) if args.policy else None
     policies = [parse(spec, args.model) for spec in args.policy or []]
     tracer, traces = options.tracer_and_traces(args)
+    if policies:
+        options.check_budget_fits(budget, traces)
     frames = []
     for trace in traces:
         frame = token_signals(tracer, trace.token_ids, top_k=args.top_k, window=args.window).table(tracer.tokenizer)

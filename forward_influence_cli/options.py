@@ -80,6 +80,20 @@ budget = checked(Budget.parse)
 
 
 @checked
+def offline_budget(text: str) -> Budget:
+    """A budget for a command that compresses a trace once and generates nothing."""
+    parsed = Budget.parse(text)
+    parsed.check_offline()
+    return parsed
+
+
+def check_budget_fits(parsed: Budget, traces) -> None:
+    """Refuse, once the traces are read and before any forward pass, a token count larger than a trace."""
+    for trace in traces:
+        parsed.check_count(len(trace), f"trace {trace.id!r}")
+
+
+@checked
 def share(text: str) -> float:
     """A number in [0, 1] (nan and inf refused)."""
     try:

@@ -90,14 +90,18 @@ class Budget:
     def tokens(self, n_tokens: int) -> int:
         """Kept tokens for a cache of `n_tokens` compressed once (offline; a ratio rounds up, so 1% of
         10 tokens keeps one)."""
-        if self.kind == "prompt+ratio":
-            raise InputError(
-                f"budget {self} grows while decoding; offline, with nothing generated, use a ratio or a count"
-            )
+        self.check_offline()
         if self.kind == "ratio":
             return max(1, math.ceil(self.value * n_tokens - 1e-9))
         self.check_count(n_tokens, "the sequence")
         return int(self.value)
+
+    def check_offline(self) -> None:
+        """Refuse a budget that needs a generation (``prompt+RATIO``) where nothing is generated."""
+        if self.kind == "prompt+ratio":
+            raise InputError(
+                f"budget {self} grows while decoding; offline, with nothing generated, use a ratio or a count"
+            )
 
     def check_count(self, capacity: int, what: str) -> None:
         """Refuse a count larger than the `capacity` tokens the cache will ever hold (`what` names them)."""

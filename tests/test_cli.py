@@ -270,7 +270,7 @@ def test_policies_lists_every_policy(capsys):
         (["generate", "--policy", "snapkv", "--budget", "0.5"], "give either a PROMPT or --trace"),
         (
             ["score", "essay:gap", "--max-tokens", "20", "--policy", "snapkv", "--budget", "500"],
-            "larger than the sequence",
+            "larger than trace 'essay:gap' (20 tokens)",
         ),
         (["eval", "--task", "needles"], "unknown task needles"),
         (["eval", "--policies", "snapkv,magic"], "unknown policy magic"),
