@@ -36,7 +36,7 @@ from forward_influence.signals import token_signals
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 from kv_compression.budget import Budget, token_view
-from kv_compression.names import parse, policy_names
+from kv_compression.names import PER_MODEL, parse, policy_names
 from kv_compression.offline import observation
 
 from . import plotting  # noqa: F401  (headless backend)
@@ -65,10 +65,14 @@ class Heat:
 
 
 def check_signal(signal: str) -> str:
-    """`signal` if known (``policy:NAME`` with a known policy), else an `InputError`."""
-    if signal in SIGNALS or (
-        signal.startswith("policy:") and signal.removeprefix("policy:").split(":")[0] in policy_names()
-    ):
+    """`signal` if known (``policy:NAME`` with a known policy whose fields are valid; a per-model policy's
+    file is read once the model is known), else an `InputError`."""
+    spec = signal.removeprefix("policy:")
+    if signal.startswith("policy:") and spec.split(":")[0] in policy_names():
+        if spec.split(":")[0] not in PER_MODEL:
+            parse(spec, quiet=True)
+        return signal
+    if signal in SIGNALS:
         return signal
     raise InputError(
         f"unknown signal {signal!r}; choose from {', '.join(SIGNALS)} or policy:NAME "

@@ -61,16 +61,10 @@ def _from_record(record: dict, where: str, tokenizer: PreTrainedTokenizerBase) -
     trace_id = str(record.get("id", where))
     if "token_ids" in record:
         ids = record["token_ids"]
-        # JSON's true and false are Python ints too: a list of booleans is not a list of token ids.
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise InputError(f"{where}: 'token_ids' must be a list of integers")
         vocab = len(tokenizer)
-        if any(i < 0 or i >= vocab for i in ids):
+        if any(i >= vocab for i in ids):
             raise InputError(f"{where}: a token id is outside the vocabulary (0..{vocab - 1})")
-        prompt_length = record.get("prompt_length", 0)
-        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or not 0 <= prompt_length <= len(ids):
-            raise InputError(f"{where}: 'prompt_length' must be an integer in [0, {len(ids)}], got {prompt_length!r}")
-        return Trace(trace_id, list(ids), prompt_length, {"source": where})
+        return Trace(trace_id, list(ids), record.get("prompt_length", 0), {"source": where})
     if "prompt" in record and "completion" in record:
         ids, n_prompt = chat_ids(tokenizer, str(record["prompt"]), str(record["completion"]))
         return Trace(trace_id, ids, n_prompt, {"source": where})
@@ -140,6 +134,16 @@ def _check_record(record: object, where: str) -> None:
         raise InputError(f"{where}: expected a JSON object")
     if not ("token_ids" in record or ("prompt" in record and "completion" in record) or "text" in record):
         raise InputError(f"{where}: needs 'text', 'prompt' + 'completion', or 'token_ids'")
+    if "token_ids" in record:  # what can be checked without a tokenizer (the vocabulary's size needs one)
+        ids = record["token_ids"]
+        # JSON's true and false are Python ints too: a list of booleans is not a list of token ids.
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise InputError(f"{where}: 'token_ids' must be a list of integers")
+        if any(i < 0 for i in ids):
+            raise InputError(f"{where}: a token id is negative")
+        length = record.get("prompt_length", 0)
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(ids):
+            raise InputError(f"{where}: 'prompt_length' must be an integer in [0, {len(ids)}], got {length!r}")
 
 
 def decoded(data: bytes, where: str) -> str:
@@ -168,6 +172,10 @@ def check_spec(spec: str) -> None:
     except OSError as exc:
         raise InputError(f"{spec}: cannot be read ({exc.strerror})") from None
     text = decoded(data, spec)
+    if not text.strip():
+        raise InputError(
+            f"{spec}: no trace in it" if path.suffix == ".jsonl" else f"{spec}: trace {path.stem!r} is empty"
+        )
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():

@@ -12,7 +12,7 @@ from forward_influence.errors import InputError
 from forward_influence.stats import parse_edges
 
 from . import options, outputs
-from .options import add_model, add_out, add_trace, fraction, int_list, non_negative_int, positive_int
+from .options import add_model, add_out, add_trace, fraction, non_negative_int, positive_int
 
 EXAMPLES = {
     "score": "forward-influence score essay:gap --max-tokens 256 --out gap.csv",
@@ -85,8 +85,10 @@ def add(command) -> None:
         default=None,
         help="measure distances 1..D after t (default: to the trace end)",
     )
-    p.add_argument("--layers", type=int_list, default=None, help="evict in these layers only, e.g. 0,1,2 (default all)")
-    p.add_argument("--heads", type=int_list, default=None, help="evict in these KV heads only (default all)")
+    p.add_argument(
+        "--layers", type=options.index_list, default=None, help="evict in these layers only, e.g. 0,1,2 (default all)"
+    )
+    p.add_argument("--heads", type=options.index_list, default=None, help="evict in these KV heads only (default all)")
     p.add_argument(
         "--sinks", type=non_negative_int, default=SINKS, help=f"first positions never evicted (default {SINKS})"
     )

@@ -143,6 +143,16 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+@checked
+def index_list(text: str) -> tuple[int, ...]:
+    """Comma-separated layer or head indices: non-negative integers (their upper bound needs the model)."""
+    values = int_list(text)
+    negative = [v for v in values if v < 0]
+    if negative:
+        raise ValueError(f"must be non-negative, got {negative[0]}")
+    return values
+
+
 def _check_policy(spec: str) -> str:
     name = spec.split(":")[0].strip()
     if name not in policy_names():

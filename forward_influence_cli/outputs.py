@@ -15,10 +15,16 @@ from forward_influence.errors import InputError
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
 
+def _existing(folder: Path) -> Path:
+    """`folder` or its nearest ancestor that exists."""
+    folder = folder if str(folder) else Path(".")
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
 def _writable_folder(folder: Path, option: str) -> None:
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = _existing(folder)
     if not existing.is_dir():
         raise InputError(f"{option} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -31,9 +37,13 @@ def _writable_folder(folder: Path, option: str) -> None:
 
 
 def check_file(path: Path | None, suffixes: tuple[str, ...] = TABLE_SUFFIXES, option: str = "--out") -> None:
-    """Refuse an output file that cannot be written: an unknown extension, a folder, an unwritable place."""
+    """Refuse an output file that cannot be written: a name too long, an unknown extension, a folder, an
+    unwritable place."""
     if path is None:
         return
+    limit = os.pathconf(_existing(path.parent), "PC_NAME_MAX")
+    if len(os.fsencode(path.name)) > limit:
+        raise InputError(f"{option} {path.name[:40]}...: the file name is longer than {limit} bytes")
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; name a file")
     if path.suffix not in suffixes:
@@ -55,6 +65,15 @@ OUTPUTS = (("out", "--out"), ("per_distance", "--per-distance"))  # (argument, f
 INPUTS = (("trace", "the input trace"), ("problems", "the input problems"))  # files a command reads
 
 
+def _resolved(value) -> Path:
+    """The path with links followed; one the system cannot resolve (a name too long) stays as written, for
+    `check_file` to refuse."""
+    try:
+        return Path(str(value)).resolve()
+    except OSError:
+        return Path(str(value)).absolute()
+
+
 def check_distinct(args: argparse.Namespace) -> None:
     """Refuse two outputs that resolve to one path, and an output that resolves to an input file (the
     input would be overwritten): before anything is read or written."""
@@ -63,7 +82,7 @@ def check_distinct(args: argparse.Namespace) -> None:
         value = getattr(args, attribute, None)
         if value is None:
             continue
-        path = Path(value).resolve()
+        path = _resolved(value)
         if path in written:
             raise InputError(f"{flag} {value} is also {written[path]}: name two files")
         written[path] = flag
@@ -71,7 +90,7 @@ def check_distinct(args: argparse.Namespace) -> None:
         value = getattr(args, attribute, None)
         if value is None or not Path(str(value)).is_file():
             continue
-        path = Path(str(value)).resolve()
+        path = _resolved(value)
         if path in written:
             raise InputError(f"{written[path]} {value} is {what}: it would be overwritten; name another file")
 

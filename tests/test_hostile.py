@@ -20,6 +20,18 @@ BAD_BEFORE_LOADING = [
     (["score", "{binary}"], "binary.txt: a binary file"),
     (["score", "{latin1}"], "latin1.txt: not UTF-8 text"),
     (["score", "{jsonl}"], "bad.jsonl line 2: malformed JSON"),
+    (["score", "{tmp}/blank.txt"], "blank.txt: trace 'blank' is empty"),
+    (["score", "{tmp}/empty.jsonl"], "empty.jsonl: no trace in it"),
+    (["score", "{tmp}/negative.jsonl"], "negative.jsonl line 1: a token id is negative"),
+    (["score", "{tmp}/floats.jsonl"], "floats.jsonl line 1: 'token_ids' must be a list of integers"),
+    (["score", "{tmp}/strings.jsonl"], "strings.jsonl line 1: 'token_ids' must be a list of integers"),
+    (["influence", "essay:gap", "--layers=-1"], "--layers: must be non-negative, got -1"),
+    (["influence", "essay:gap", "--heads=-1"], "--heads: must be non-negative, got -1"),
+    (
+        ["heatmap", "essay:gap", "--signal", "policy:infokv:alpha=9", "--out", "{tmp}/h.html"],
+        "infokv: alpha must lie in [0, 1], got 9.0",
+    ),
+    (["score", "essay:gap", "--out", "{tmp}/" + "x" * 300 + ".csv"], "the file name is longer than"),
     (["score", "essay:nope"], "no essay matches 'nope'"),
     (["score", "essay:gap", "--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
     (["score", "essay:gap", "--max-tokens", "-5"], "--max-tokens: must be at least 1, got -5"),
@@ -133,6 +145,11 @@ def files(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "text": "fine"}\n{"id": oops}\n')
     (tmp_path / "plain.txt").write_text("a file, not a folder")
+    (tmp_path / "blank.txt").write_text("  \n\t\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "negative.jsonl").write_text('{"token_ids": [1, -2]}\n')
+    (tmp_path / "floats.jsonl").write_text('{"token_ids": [1.5, 2]}\n')
+    (tmp_path / "strings.jsonl").write_text('{"token_ids": ["1"]}\n')
     (tmp_path / "input.jsonl").write_text('{"id": "a", "text": "an input that must survive"}\n')
     return tmp_path
 
