@@ -67,7 +67,7 @@ def add(command) -> None:
     p.add_argument("--docs", type=positive_int, default=4, help="calibration essays (default 4)")
     p.add_argument(
         "--budgets",
-        type=options.budget_list,
+        type=options.offline_budget_list,
         default="0.1,0.25,0.5",
         help="budgets averaged over (default %(default)s)",
     )

@@ -108,6 +108,7 @@ def demo(args: argparse.Namespace) -> None:
     from forward_influence.traces import Trace
 
     eviction_time(Trace("demo essays", [0] * args.max_tokens), args.evict_at, SINKS)
+    args.budget.check_count(args.max_tokens, "--max-tokens")
     out = args.out or Path(f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     outputs.check_folder(out)
     print(

@@ -122,14 +122,25 @@ def once(values: list, what: str, canonical=str) -> list:
     return values
 
 
-@checked
-def budget_list(text: str) -> list[str]:
+def _budget_list(text: str) -> list[str]:
     values = names(text)
     if not values:
         raise ValueError("no budget given")
     for value in values:
         Budget.parse(value)
     return once(values, "budget", lambda value: str(Budget.parse(value)))
+
+
+budget_list = checked(_budget_list)
+
+
+@checked
+def offline_budget_list(text: str) -> list[str]:
+    """`budget_list` for a command that generates nothing (no ``prompt+RATIO``)."""
+    values = _budget_list(text)
+    for value in values:
+        Budget.parse(value).check_offline()
+    return values
 
 
 @checked

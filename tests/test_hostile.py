@@ -74,6 +74,11 @@ BAD_BEFORE_LOADING = [
     (["eval", "--seed", "1e23"], "--seed: expected an integer, got '1e23'"),
     (["score", "essay:gap", "--policy", "snapkv", "--budget", "prompt+0.5"], "budget prompt+0.5 grows while decoding"),
     (["compare", "essay:gap", "--budget", "prompt+0.5"], "budget prompt+0.5 grows while decoding"),
+    (["calibrate", "--budgets", "0.1,prompt+0.5"], "budget prompt+0.5 grows while decoding"),
+    (
+        ["demo", "--budget", "100000000", "--out", "{tmp}/demo"],
+        "budget of 100000000 tokens is larger than --max-tokens",
+    ),
     (["score", "essay:gap", "--head-floor", "2"], "--head-floor: must lie in [0, 1], got 2"),
     (["score", "essay:gap", "--head-floor", "nan"], "--head-floor: must lie in [0, 1], got nan"),
     (["score", "essay:gap", "--head-floor", "0.5"], "--head-floor applies to --policy, and no --policy is given"),
