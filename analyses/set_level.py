@@ -14,6 +14,8 @@ other policy; the search's own numbers (relaxed loss, each start's exact KL, CPU
   KL (the quantity the search minimises), with a 95% percentile-bootstrap interval over documents,
   and the NLL increase beside it; ``headroom_nll.csv``, the same places on the NLL increase;
 - ``headroom.png``: the places with their intervals;
+- ``paired.csv``: per budget and policy, the mean of ``optimal - policy`` on the KL over documents
+  with its 95% Student-t interval;
 - ``sets.csv`` + ``sets.png``: what the optimal sets keep beside H2O's and InfoKV's (`describe_sets`:
   overlap, position, and the kept share by decile of entropy and of attention);
 - ``interaction.csv``: per budget, the KL of `optimal`'s whole evicted set against the sum of its
@@ -49,6 +51,7 @@ from forward_influence.influence import clean_run
 from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
 from forward_influence.outputs import atomic_path, write_table
 from forward_influence.signals import token_signals
+from forward_influence.stats import student_t_ci
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget, kept_masks
 from kv_compression.offline import observation
@@ -132,6 +135,21 @@ def optimal_rows(
         progress,
         shard,
     )
+
+
+def paired(results: pd.DataFrame, optimal: pd.DataFrame, metric: str = "kl") -> pd.DataFrame:
+    """Per budget and policy: the mean over documents of ``optimal - policy`` on `metric`, with its 95%
+    Student-t interval (below zero: the optimum is better beyond chance)."""
+    table = pd.concat([results[results.task == "fidelity"], optimal.assign(task="fidelity")], ignore_index=True)
+    rows = []
+    for budget, group in table.assign(budget=table.budget.astype(str)).groupby("budget", sort=False):
+        wide = group.pivot_table(index="item", columns="policy", values=metric).dropna()
+        for policy in wide.columns.drop(CEILING, errors="ignore"):
+            mean, low, high = student_t_ci(wide[CEILING] - wide[policy])
+            rows.append(
+                dict(budget=budget, policy=policy, n_documents=len(wide), difference=mean, ci_low=low, ci_high=high)
+            )
+    return pd.DataFrame(rows).sort_values(["budget", "difference"])
 
 
 COMPARED = {"h2o": H2O(), "infokv": InfoKV()}  # the sets the optimum's are described beside
@@ -232,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     write_table(table, out / "headroom.csv")
     write_table(headroom(results, optimal, CEILING, "nll_increase", beside=("kl",)), out / "headroom_nll.csv")
     write_table(interaction(optimal), out / "interaction.csv")
+    write_table(paired(results, optimal), out / "paired.csv")
     described = describe_sets(loaded, args.docs, budgets, out)
     if len(described):
         write_table(described, out / "sets.csv")

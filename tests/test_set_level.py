@@ -11,7 +11,7 @@ from scipy import stats
 
 from analyses.gradient_influence import per_document_comparison, summary
 from analyses.heatmap import heat
-from analyses.set_level import describe_sets, optimal_rows, search_rows, sets_file
+from analyses.set_level import describe_sets, optimal_rows, paired, search_rows, sets_file
 from analyses.tasks.fidelity import Fidelity
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
@@ -184,3 +184,19 @@ def test_the_kept_sets_are_described_beside_h2o_and_infokv(tmp_path):
     deciles = described[[f"entropy_next_d{k}" for k in range(1, 11)]]
     assert ((deciles >= 0) & (deciles <= 1) | deciles.isna()).all().all()
     assert rows.kl.iloc[0] == pytest.approx(rows[f"kl_{rows.start.iloc[0]}"].iloc[0])
+
+
+def test_paired_differences_against_the_optimum():
+    results = pd.DataFrame(
+        [
+            dict(task="fidelity", item=f"d{i}", policy=p, budget="0.1", kl=k + i)
+            for i in range(3)
+            for p, k in (("h2o", 0.3), ("random", 0.5))
+        ]
+    )
+    optimal = pd.DataFrame([dict(item=f"d{i}", policy="optimal", budget="0.1", kl=0.1 + i) for i in range(3)])
+    table = paired(results, optimal).set_index("policy")
+    assert table.loc["h2o", "difference"] == pytest.approx(-0.2) and table.loc["random", "difference"] == pytest.approx(
+        -0.4
+    )
+    assert (table.n_documents == 3).all() and (table.ci_high < 0).all()
