@@ -220,6 +220,7 @@ def plot_sets(described: pd.DataFrame, title: str, path: Path) -> list[Path]:
         aspect=1.4,
         facet_kws=dict(sharey="row"),
     )
+    grid.set_titles("budget {row_name}: {col_name}")
     grid.set_axis_labels("decile of the signal (1 = lowest)", "kept share of its slots")
     grid.figure.suptitle(title, fontsize=10)
     grid.figure.subplots_adjust(top=0.9)
