@@ -104,10 +104,9 @@ def read_traces(
             for name in corpus.match_essays(spec.removeprefix("essay:"))
         ]
     elif spec == "-":
-        text = decoded(sys.stdin.buffer.read(), "stdin") if stdin_text is None else stdin_text
+        text = read_stdin() if stdin_text is None else stdin_text
         lines = text.splitlines()
-        nonblank = [line for line in lines if line.strip()]
-        if nonblank and all(line.lstrip().startswith("{") for line in nonblank):
+        if _looks_jsonl(lines):
             traces = _parse_jsonl(lines, "stdin", tokenizer)
         else:
             traces = [Trace("stdin", tokenizer(text).input_ids if text.strip() else [], 0, {})]
@@ -171,19 +170,35 @@ def check_spec(spec: str) -> None:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{spec}: cannot be read ({exc.strerror})") from None
-    text = decoded(data, spec)
+    check_text(decoded(data, spec), spec, path.suffix == ".jsonl", path.stem)
+
+
+def _looks_jsonl(lines: list[str]) -> bool:
+    """Stdin is read as JSONL when every non-blank line starts an object."""
+    nonblank = [line for line in lines if line.strip()]
+    return bool(nonblank) and all(line.lstrip().startswith("{") for line in nonblank)
+
+
+def read_stdin() -> str:
+    """Standard input as UTF-8 text (refused when binary or not UTF-8)."""
+    return decoded(sys.stdin.buffer.read(), "stdin")
+
+
+def check_text(text: str, where: str, jsonl: bool | None = None, name: str = "stdin") -> None:
+    """Refuse, without a tokenizer, a trace text that holds nothing, or JSONL (`jsonl`; None: decided as
+    for stdin) with a line that is not a trace record."""
+    lines = text.splitlines()
+    jsonl = _looks_jsonl(lines) if jsonl is None else jsonl
     if not text.strip():
-        raise InputError(
-            f"{spec}: no trace in it" if path.suffix == ".jsonl" else f"{spec}: trace {path.stem!r} is empty"
-        )
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        raise InputError(f"{where}: no trace in it" if jsonl else f"{where}: trace {name!r} is empty")
+    if jsonl:
+        for number, line in enumerate(lines, start=1):
             if line.strip():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise InputError(f"{spec} line {number}: malformed JSON ({exc.msg})") from None
-                _check_record(record, f"{spec} line {number}")
+                    raise InputError(f"{where} line {number}: malformed JSON ({exc.msg})") from None
+                _check_record(record, f"{where} line {number}")
 
 
 def _memory_bytes() -> int | None:

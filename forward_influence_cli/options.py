@@ -256,10 +256,14 @@ def loaded_model(args: argparse.Namespace):
 def tracer_and_traces(args: argparse.Namespace):
     """The tracer of ``--model`` and the traces of the positional trace, checked against the model."""
     from forward_influence.tracer import Tracer
-    from forward_influence.traces import check_context, read_traces
+    from forward_influence.traces import check_context, check_text, read_stdin, read_traces
 
     check_trace(args.trace)
+    stdin_text = None
+    if args.trace == "-":  # read and checked before the model loads: stdin can be read only once
+        stdin_text = read_stdin()
+        check_text(stdin_text, "stdin")
     loaded = loaded_model(args)
-    traces = read_traces(args.trace, loaded.tokenizer, args.max_tokens)
+    traces = read_traces(args.trace, loaded.tokenizer, args.max_tokens, stdin_text=stdin_text)
     check_context(traces, loaded.model)
     return Tracer(loaded), traces

@@ -355,3 +355,24 @@ def test_a_bad_field_of_a_per_model_policy_is_one_line_with_no_note_before_it(ca
     assert main(["score", "essay:gap", "--policy", spec]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "stdin: trace 'stdin' is empty"),
+        (b"  \n\t\n", "stdin: trace 'stdin' is empty"),
+        (b'{"id": "a", "text": "fine"}\n{"id": oops}\n', "stdin line 2: malformed JSON"),
+        (b'{"token_ids": [true]}\n', "stdin line 1: 'token_ids' must be a list of integers"),
+        (b"text\x00\x01", "stdin: a binary file, not text"),
+        ("caf\xe9".encode("latin-1"), "stdin: not UTF-8 text"),
+    ],
+)
+def test_bad_stdin_is_refused_before_the_model_loads(capsys, monkeypatch, data, message):
+    import forward_influence.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert main(["score", "-"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
