@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -111,8 +112,9 @@ def demo(args: argparse.Namespace) -> None:
     args.budget.check_count(args.max_tokens, "--max-tokens")
     out = args.out or Path(f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     outputs.check_folder(out)
-    print(
-        run_demo(
+    fresh = not out.exists()
+    try:
+        report = run_demo(
             args.model,
             out,
             docs=args.docs,
@@ -122,7 +124,11 @@ def demo(args: argparse.Namespace) -> None:
             budget=args.budget,
             seed=args.seed,
         )
-    )
+    except Exception:
+        if fresh:  # a failed demo leaves no half-made report folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(report)
 
 
 COMMANDS = {"compare": compare, "heatmap": heatmap, "demo": demo}

@@ -376,3 +376,21 @@ def test_bad_stdin_is_refused_before_the_model_loads(capsys, monkeypatch, data, 
     assert main(["score", "-"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_a_failed_demo_removes_the_fresh_folder_it_made_and_keeps_an_existing_one(capsys, tmp_path, monkeypatch):
+    import analyses.demo
+
+    def fail_midway(model, out, **settings):
+        (out / "influence").mkdir(parents=True)
+        (out / "influence" / "influence.csv").write_text("half\n")
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(analyses.demo, "run_demo", fail_midway)
+    assert main(["demo", "--out", str(tmp_path / "fresh")]) == 1
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("the user's\n")
+    assert main(["demo", "--out", str(tmp_path / "kept")]) == 1
+    assert (tmp_path / "kept" / "mine.txt").read_text() == "the user's\n"
+    assert capsys.readouterr().err.count("error: RuntimeError: the run failed") == 2
