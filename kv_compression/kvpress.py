@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import typing
 from collections.abc import Iterator, Sequence
 
@@ -124,9 +125,28 @@ def press_class(spec: str):
         field, _, text = assignment.partition("=")
         if field not in hints or field == "compression_ratio":
             raise InputError(f"kvpress:{spec}: {field!r} is not a field of {name}")
-        kind = hints[field]
-        fields[field] = text.lower() == "true" if kind is bool else kind(text) if kind in (int, float) else text
+        fields[field] = _field_value(f"kvpress:{name}: {field}", hints[field], text)
     return cls(compression_ratio=1e-6, **fields)
+
+
+def _field_value(where: str, kind: type, text: str) -> object:
+    """A press field's value from text. Every integer field of a press is a count (a window, a kernel, a
+    number of sinks), so a negative one is refused here rather than failing inside the press."""
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise InputError(f"{where} must be true or false, got {text!r}")
+        return text.lower() == "true"
+    if kind not in (int, float):
+        return text
+    try:
+        value = kind(text)
+    except ValueError:
+        raise InputError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is int and value < 0:
+        raise InputError(f"{where} must be a non-negative integer, got {value}")
+    if kind is float and not math.isfinite(value):
+        raise InputError(f"{where} must be a finite number, got {text}")
+    return value
 
 
 def press_scores(model, token_ids: Sequence[int], spec: str) -> list[torch.Tensor | None]:

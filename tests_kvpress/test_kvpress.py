@@ -110,3 +110,20 @@ def test_a_kvpress_press_is_measured_like_a_policy(capsys, tmp_path):
 def test_policy_press_checks_its_ratio():
     with pytest.raises(ValueError, match=r"compression_ratio must lie in \[0, 1\)"):
         PolicyPress(policy=SnapKV(), compression_ratio=1.0)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("SnapKVPress:window_size=-5", "kvpress:SnapKVPress: window_size must be a non-negative integer, got -5"),
+        ("SnapKVPress:window_size=abc", "kvpress:SnapKVPress: window_size must be an integer, got 'abc'"),
+        ("SnapKVPress:kernel_size=1.5", "kvpress:SnapKVPress: kernel_size must be an integer, got '1.5'"),
+    ],
+)
+def test_a_press_field_out_of_range_is_one_line_before_the_model_loads(capsys, monkeypatch, spec, message):
+    import forward_influence.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["score", "essay:gap", "--policy", f"kvpress:{spec}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
