@@ -20,7 +20,7 @@ p_q, so for labels y_q drawn independently at every position of a bucket,
 and head or summed over them (one gate shared by all of a token's layers and heads has the summed
 derivative). It is an estimate: second order in delta (tokens that take much of a query's attention
 are evicted far from that regime) and a Monte Carlo average (its noise falls as 1 / samples).
-`analyses.set_level` measures how well it ranks tokens against the exact scan.
+`analyses.gradient_influence` measures how well it ranks tokens against the exact scan.
 
 Buckets: ``near`` is the mean KL over distances `NEAR` (1-8), ``far`` over distances `FAR_FROM` (33)
 to D, as in `forward_influence.scan`; each bucket runs only the positions it needs.

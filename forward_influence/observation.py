@@ -112,8 +112,8 @@ class Observation:
     the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l,
     influence[:, p] the measured Forward Influence of token p evicted alone now, press_scores[press][l]
     the ``[batch, kv_heads, tokens]`` scores a kvpress press gave layer l, set_optimum[search] what a
-    set search found (each None or empty unless read). `prompt_length` is the number of prompt tokens when the observation is taken while
-    decoding (None when the whole trace is the prompt).
+    set search found (each None or empty unless read). `prompt_length` is the number of prompt tokens
+    when the observation is taken while decoding (None when the whole trace is the prompt).
     """
 
     layers: list[LayerObservation]
