@@ -199,19 +199,28 @@ def plot_headroom(
     return save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_fidelity_options(parser: argparse.ArgumentParser, ceiling: str) -> None:
+    """The options of an entry point that places a fidelity sweep's policies below a `ceiling`."""
     parser.add_argument("results", type=Path, help="the results.csv of `forward-influence eval --task fidelity`")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--docs", type=int, default=16, help="fidelity documents with the oracle (default 16)")
+    parser.add_argument("--docs", type=int, default=16, help=f"fidelity documents with {ceiling} (default 16)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: next to the results)")
-    args = parser.parse_args(argv)
+
+
+def fidelity_results(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, pd.DataFrame]:
+    """The output folder and the sweep's rows, once the options of `add_fidelity_options` are checked."""
     if not args.results.is_file():
         parser.error(f"results: no such file: {args.results}")
     if args.docs < 2:
         parser.error(f"--docs: the intervals over documents need at least 2, not {args.docs}")
-    out = args.out or args.results.parent
-    results = pd.read_csv(args.results, dtype={"budget": str})
+    return args.out or args.results.parent, pd.read_csv(args.results, dtype={"budget": str})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fidelity_options(parser, "the oracle")
+    args = parser.parse_args(argv)
+    out, results = fidelity_results(parser, args)
     oracle = oracle_rows(load_model(args.model), args.docs, sorted(results.budget.unique()), out)
     table = headroom(results, oracle)
     write_table(oracle, out / "oracle.csv")

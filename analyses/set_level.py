@@ -48,7 +48,7 @@ from scipy import stats
 
 from forward_influence.gradient import fisher_influence
 from forward_influence.influence import clean_run
-from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import atomic_path, write_table
 from forward_influence.signals import token_signals
 from forward_influence.stats import student_t_ci
@@ -59,7 +59,7 @@ from kv_compression.policies import H2O, InfoKV, Optimal
 
 from . import cache
 from .documents import add_shard_option, cache_folder, per_document
-from .headroom import headroom, interaction, plot_headroom
+from .headroom import add_fidelity_options, fidelity_results, headroom, interaction, plot_headroom
 from .learned import evaluation_documents
 from .plotting import save_figure, theme
 from .tasks.fidelity import Fidelity, fidelity_rows
@@ -229,18 +229,10 @@ def plot_sets(described: pd.DataFrame, title: str, path: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="the results.csv of `forward-influence eval --task fidelity`")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--docs", type=int, default=16, help="fidelity documents searched (default 16)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: next to the results)")
+    add_fidelity_options(parser, "the set search")
     add_shard_option(parser)
     args = parser.parse_args(argv)
-    if not args.results.is_file():
-        parser.error(f"results: no such file: {args.results}")
-    if args.docs < 2:
-        parser.error(f"--docs: the intervals over documents need at least 2, not {args.docs}")
-    out = args.out or args.results.parent
-    results = pd.read_csv(args.results, dtype={"budget": str})
+    out, results = fidelity_results(parser, args)
     loaded, budgets = load_model(args.model), sorted(results.budget.unique())
     optimal = optimal_rows(loaded, args.docs, budgets, out, args.shard)
     if args.shard is not None:
