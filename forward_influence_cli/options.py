@@ -65,15 +65,19 @@ def seed(text: str) -> int:
     return value
 
 
-@checked
-def fraction(text: str) -> float:
+def _number_in(text: str, inside: Callable[[float], bool], interval: str, prefix: str = "") -> float:
+    """`text` as a number for which `inside` holds (false for nan), else a `ValueError` naming `interval`."""
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"fraction must lie in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise ValueError(f"fraction must lie in (0, 1), got {text}")
+        raise ValueError(f"{prefix}must lie in {interval}, got {text!r}") from None
+    if not inside(value):
+        raise ValueError(f"{prefix}must lie in {interval}, got {text}")
     return value
+
+
+fraction = checked(lambda text: _number_in(text, lambda v: 0 < v < 1, "(0, 1)", "fraction "))
+share = checked(lambda text: _number_in(text, lambda v: 0 <= v <= 1, "[0, 1]"))  # nan and inf refused
 
 
 budget = checked(Budget.parse)
@@ -91,18 +95,6 @@ def check_budget_fits(parsed: Budget, traces) -> None:
     """Refuse, once the traces are read and before any forward pass, a token count larger than a trace."""
     for trace in traces:
         parsed.check_count(len(trace), f"trace {trace.id!r}")
-
-
-@checked
-def share(text: str) -> float:
-    """A number in [0, 1] (nan and inf refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:  # false for nan
-        raise ValueError(f"must lie in [0, 1], got {text}")
-    return value
 
 
 def names(text: str) -> list[str]:
