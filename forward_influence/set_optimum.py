@@ -14,17 +14,17 @@ positions (`forward_influence.gates.gated_kl`) over those choices, relaxed:
   steps, so the gates harden towards a 0/1 choice. Theta starts in [-1, 1], where neighbouring ranks
   of a 1024-token head lie 0.002 apart: at the last temperature (0.001) only a few tokens around each
   threshold are still partly open, so the relaxed loss ends close to the exact one (with a final
-  temperature of 0.05 a hundred tokens per head stayed half open, and the relaxed loss was a tenth
-  of the exact one);
+  temperature of 0.05 a hundred tokens per head stayed half open, and the relaxed loss fell far below
+  the exact one while the exact one rose);
 - Adam on theta, one forward and one backward pass per step for every start at once (a start is a
   batch row).
 
 A start is an initial theta: each head's ranks of some scores (a baseline policy's, or all equal for
 the uniform start), scaled to [-1, 1]. After the search each head keeps its `keep` largest theta: that
 hard set is what the search returns (or the start's own hard set, when the search ended worse than it
-began), measured exactly (hard 0/1 gates, which equal the tracer's
-eviction masks), never by its relaxed loss; the relaxed loss of the last step is kept beside it to show
-the gap. Layers the caller leaves out keep every token (their gates stay 1).
+began), measured exactly (hard 0/1 gates, which equal the tracer's eviction masks), never by its
+relaxed loss; the relaxed loss of the last step is kept beside it to show the gap. Layers the caller
+leaves out keep every token (their gates stay 1).
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ class SetSearch:
 
 @dataclass
 class SetOptimum:
-    """What a search found: the `theta` of the best start ``[searched layers, kv_heads, tokens]``, and per
-    start (in `starts` order) the exact mean KL of its hard set (`exact_kl`), the relaxed loss of its
-    last step (`relaxed_kl`) and the exact mean KL of the start's own hard set (`start_kl`, what the
-    starting policy keeps). `best` indexes the start whose hard set has the lowest exact KL."""
+    """What a search found, per start (in `starts` order): the final `thetas` ``[starts, searched layers,
+    kv_heads, tokens]``, the exact mean KL of its hard set (`exact_kl`), the relaxed loss of its last
+    step (`relaxed_kl`) and the exact mean KL of the start's own hard set (`start_kl`, what the starting
+    policy keeps). `best` indexes the start whose hard set has the lowest exact KL, `theta` is its."""
 
     layers: tuple[int, ...]
-    theta: torch.Tensor
+    thetas: torch.Tensor
     starts: tuple[str, ...]
     exact_kl: list[float]
     relaxed_kl: list[float]
@@ -71,6 +71,10 @@ class SetOptimum:
     @property
     def best(self) -> int:
         return min(range(len(self.exact_kl)), key=self.exact_kl.__getitem__)
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.thetas[self.best]
 
 
 def initial_theta(scores: torch.Tensor) -> torch.Tensor:
@@ -137,8 +141,7 @@ def optimise_gates(
     worse = searched > initial
     final[worse] = starts.to(final.device)[worse]
     exact_kl = torch.minimum(searched, initial).tolist()
-    best = min(range(n_starts), key=exact_kl.__getitem__)
-    return SetOptimum(tuple(layers), final[best], search.starts, exact_kl, relaxed.tolist(), initial.tolist())
+    return SetOptimum(tuple(layers), final, search.starts, exact_kl, relaxed.tolist(), initial.tolist())
 
 
 def _exact_kl(

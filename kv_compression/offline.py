@@ -69,7 +69,8 @@ def set_optimum(
     starts = []
     for name in search.starts:
         if name == UNIFORM:
-            starts.append(torch.zeros_like(torch.stack([obs.layers[layer].keys[0, :, :, 0] for layer in layers])))
+            keys = obs.layers[layers[0]].keys
+            starts.append(torch.zeros(len(layers), *keys.shape[1:3], device=keys.device))
             continue
         scores = layer_scores(POLICIES[name](), obs)
         starts.append(initial_theta(torch.stack([scores[layer][0] for layer in layers])))
