@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 from forward_influence.models import DEFAULT_MODEL, LoadedModel
 from forward_influence.outputs import atomic_open
 from forward_influence.tracer import Tracer
+from kv_compression.budget import Budget
 from kv_compression.policies import InfoKV
 from kv_compression.tuned import file_name, read, user_folder
 
 from .documents import essay_segments
-from .tasks.fidelity import fidelity_rows
+from .tasks.fidelity import PREFIX, fidelity_rows
 
 TOP_K, ALPHA, TAU = (10, 64, 256), (0.8, 0.9, 0.95), (0.5, 1.0, 2.0)
 COMBINATIONS = ("softmax", "zscore", "rank")
@@ -60,12 +61,20 @@ def settings_grid() -> dict[str, InfoKV]:
     return grid
 
 
+def check_budgets(budgets: Sequence[str], prefix: int = PREFIX) -> None:
+    """Refuse (`InputError`) a budget that cannot compress the `prefix`: needs no model, so a command
+    checks it before loading one."""
+    for budget in map(Budget.parse, budgets):
+        budget.check_offline()
+        budget.check_count(prefix, "the compressed prefix")
+
+
 def calibrate(
     loaded: LoadedModel,
     budgets: Sequence[str] = ("0.1", "0.25", "0.5"),
     docs: int = 4,
     grid: dict[str, InfoKV] | None = None,
-    prefix: int = 1024,
+    prefix: int = PREFIX,
     continuation: int = 256,
     token_ids: dict[str, list[int]] | None = None,
     out: Path | None = None,
@@ -74,6 +83,7 @@ def calibrate(
 
     `token_ids` (document name -> tokens) replaces the calibration essays, for tests.
     """
+    check_budgets(budgets, prefix)
     tracer = Tracer(loaded)
     policies = settings_grid() if grid is None else grid
     if token_ids is None:

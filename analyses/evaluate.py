@@ -32,7 +32,7 @@ from kv_compression.names import parse
 from . import cache
 from .documents import cache_folder, shard_of
 from .plotting import distinct_palette, save_figure, theme
-from .tasks import Task, registry
+from .tasks import Task, check_budgets, registry
 
 SIZES = ("prompt_tokens", "generated_tokens")  # tokens per item, for a reader of the summary
 
@@ -56,6 +56,7 @@ def run_task(
     settings = {p: repr(policy) for p, policy in built.items()}
     frames = []
     items = shard_of(task.items(loaded.tokenizer, n_items), shard)
+    check_budgets(task, items, budgets, loaded.name)
     for item in tqdm(items, desc=task.name, unit="item", disable=not progress):
         path = folder / cache.file_name(item.id)
         key = dict(task=repr(task), item=item.id, tokens=item.token_ids)

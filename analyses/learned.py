@@ -63,9 +63,9 @@ from kv_compression.tuned import read
 from . import cache
 from .documents import add_shard_option, cache_folder, essay_segments, shard_of
 from .plotting import save_figure, theme
-from .tasks.fidelity import Fidelity
+from .tasks.fidelity import PREFIX, Fidelity
 
-PREFIX, DISTANCE = 1024, 64
+DISTANCE = 64
 ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 RANKED = ("learned", "h2o", "snapkv", "infokv", "infokv-calibrated", "expected-attention")
 

@@ -123,10 +123,12 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def calibrate(args: argparse.Namespace) -> None:
     from analyses.calibrate import calibrate as measure
+    from analyses.calibrate import check_budgets
     from kv_compression.tuned import file_name, user_folder
 
     folder = args.out or user_folder()
     outputs.check_folder(folder)
+    check_budgets(args.budgets)
     loaded = options.loaded_model(args)
     result = measure(loaded, args.budgets, args.docs, out=folder / file_name(loaded.name))
     print(f"chosen: {result['settings']}", file=sys.stderr)

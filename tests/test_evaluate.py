@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,3 +127,33 @@ def test_shards_fill_one_cache_that_a_plain_run_merges_into_the_same_tables(tmp_
     assert task.runs == 3  # the merge computes nothing
     assert merged.read_text() == whole.read_text()
     assert (tmp_path / "shards" / "results.csv").read_text() == (tmp_path / "whole" / "results.csv").read_text()
+
+
+def test_a_budget_a_task_cannot_apply_is_refused_before_any_forward_pass(tmp_path, monkeypatch):
+    loaded = tiny_model("llama")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the budgets were checked")
+
+    monkeypatch.setattr(type(loaded.model), "forward", refuse)
+    for budget, message in (
+        ("prompt+0.5", "budget prompt+0.5 grows while decoding"),
+        ("41", "budget of 41 tokens is larger than fidelity item 'doc0' (40 tokens)"),
+    ):
+        with pytest.raises(InputError, match=re.escape(message)):
+            evaluate(loaded, [SmallFidelity()], ["snapkv"], ["0.5", budget], 2, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_decoding_task_holds_its_prompt_and_its_new_tokens():
+    from analyses.tasks import check_budgets
+    from analyses.tasks.long_decode import LongDecode, packaged_references
+    from analyses.tasks.needle import Needle
+
+    item = Item("a", [1] * 10)
+    check_budgets(Needle(max_new_tokens=16), [item], ["prompt+0.5", "26"], "any")  # the whole cache may be kept
+    with pytest.raises(InputError, match=re.escape("larger than needle item 'a' (26 tokens)")):
+        check_budgets(Needle(max_new_tokens=16), [item], ["27"], "any")
+    packaged = next(iter(packaged_references("smollm2-135m-instruct").values()))["settings"]["new_tokens"]
+    assert LongDecode().capacity(item, "smollm2-135m-instruct") == 10 + packaged
+    assert LongDecode(new_tokens=64).capacity(item, "a-model-without-references") == 10 + 64

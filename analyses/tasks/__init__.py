@@ -1,8 +1,10 @@
 """Evaluation tasks by name: a registry a user extends with one file.
 
 A task is an object with a `name`, its `metrics` (with axis `labels`), `items(tokenizer, n)` (its
-evaluation items, a deterministic list) and `run(tracer, item, policies, budgets)`, which returns one
-row (a dict of metrics) per policy and budget, including the full-cache reference the task compares
+evaluation items, a deterministic list), whether it `decodes` (a ``prompt+RATIO`` budget needs new
+tokens), `capacity(item, model)` (the most tokens an item's cache ever holds, so that a count budget
+beyond it is refused before any forward pass) and `run(tracer, item, policies, budgets)`, which returns
+one row (a dict of metrics) per policy and budget, including the full-cache reference the task compares
 against. Most tasks measure one (policy, budget) setting at a time against a reference computed once
 per item: they derive from `PerSetting`, which owns that loop, and write `reference` and `measure`.
 To add a task, write ``analyses/tasks/<name>.py`` with such an object and add it to `registry` below.
@@ -36,8 +38,11 @@ class Task(Protocol):
     name: str
     metrics: tuple[str, ...]
     labels: dict[str, str]  # axis label (with unit) per metric
+    decodes: bool
 
     def items(self, tokenizer, n: int) -> list[Item]: ...
+
+    def capacity(self, item: Item, model: str) -> int: ...
 
     def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]: ...
 
@@ -65,6 +70,16 @@ class PerSetting:
             for name, policy in policies.items()
             for budget in budgets
         ]
+
+
+def check_budgets(task: Task, items: Sequence[Item], budgets: Sequence[str], model: str) -> None:
+    """Refuse (`InputError`) a budget that `task` cannot apply to one of `items`: ``prompt+RATIO`` where
+    nothing is decoded, a count larger than an item's cache will ever hold."""
+    for budget in map(Budget.parse, budgets):
+        if not task.decodes:
+            budget.check_offline()
+        for item in items:
+            budget.check_count(task.capacity(item, model), f"{task.name} item {item.id!r}")
 
 
 def greedy_completion(

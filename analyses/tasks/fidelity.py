@@ -39,6 +39,8 @@ from kv_compression.policies import Policy
 from ..documents import essay_segments
 from . import Item
 
+PREFIX = 1024  # tokens observed and compressed per document
+
 
 def fidelity_rows(
     tracer: Tracer,
@@ -46,7 +48,7 @@ def fidelity_rows(
     token_ids: Sequence[int],
     policies: dict[str, Policy],
     budgets: Sequence[str],
-    prefix: int = 1024,
+    prefix: int = PREFIX,
     continuation: int = 256,
     far_from: int = FAR_FROM,
     influence: torch.Tensor | None = None,
@@ -94,10 +96,11 @@ def fidelity_rows(
 class Fidelity:
     """The long-prefill task (see the module docstring)."""
 
-    prefix: int = 1024
+    prefix: int = PREFIX
     continuation: int = 256
     far_from: int = FAR_FROM
     name: str = "fidelity"
+    decodes = False
     metrics: tuple[str, ...] = ("nll_increase", "kl", "kl_far", "top1_agreement")
     labels = {
         "nll_increase": "NLL increase (nats / token)",
@@ -111,6 +114,10 @@ class Fidelity:
             Item(t.id.removeprefix("essay:"), t.token_ids)
             for t in essay_segments(tokenizer, n, self.prefix + self.continuation)
         ]
+
+    def capacity(self, item: Item, model: str) -> int:
+        """The compressed prefix."""
+        return self.prefix
 
     def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
         return fidelity_rows(

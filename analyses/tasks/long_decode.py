@@ -217,6 +217,7 @@ class LongDecode(PerSetting):
     essay_prompt: int = 128
     seed: int = 0
     name: str = "long-decode"
+    decodes = True
     metrics: tuple[str, ...] = ("kl", "nll_increase", "top1_agreement", "agreement_tokens")
     labels: dict = field(
         default_factory=lambda: {
@@ -233,16 +234,23 @@ class LongDecode(PerSetting):
             for index, p in enumerate(prompts(tokenizer, n, self.essay_prompt))
         ]
 
+    def length(self, model: str) -> int:
+        """Tokens generated per reference: the packaged references' length, else `new_tokens`."""
+        packaged = packaged_references(model)
+        return next(iter(packaged.values()))["settings"]["new_tokens"] if packaged else self.new_tokens
+
+    def capacity(self, item: Item, model: str) -> int:
+        return len(item.token_ids) + self.length(model)
+
     def reference(self, tracer: Tracer, item: Item) -> Reference:
         """The item's reference generation (packaged, stored or generated now), its clean run and the
         full cache's greedy continuation from each branch point."""
         loaded = LoadedModel(tracer.model, tracer.tokenizer, tracer.name)
         packaged = packaged_references(loaded.name)
-        length = next(iter(packaged.values()))["settings"]["new_tokens"] if packaged else self.new_tokens
         records = references(
             loaded,
             item.meta["index"] + 1,
-            length,
+            self.length(loaded.name),
             user_references(loaded.name),
             self.seed,
             self.essay_prompt,

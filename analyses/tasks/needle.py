@@ -62,6 +62,7 @@ class Needle(PerSetting):
     buffer: int = BUFFER
     seed: int = 0
     name: str = "needle"
+    decodes = True
     metrics: tuple[str, ...] = ("correct",)
     labels = {"correct": "passkey exact match (share)"}
 
@@ -79,6 +80,9 @@ class Needle(PerSetting):
                 Item(f"len{length}-depth{depth}-{index}", ids, dict(passkey=passkey, length=length, depth=depth))
             )
         return items
+
+    def capacity(self, item: Item, model: str) -> int:
+        return len(item.token_ids) + self.max_new_tokens
 
     def correct(self, tracer: Tracer, item: Item, policy: Policy | None, budget: Budget | None) -> float:
         ids = torch.tensor(item.token_ids, device=tracer.device)

@@ -60,6 +60,7 @@ class Reasoning(PerSetting):
     buffer: int = 32
     problems: Traversable = PROBLEMS
     name: str = "reasoning"
+    decodes = True
     metrics: tuple[str, ...] = ("accuracy", "prefix_agreement", "similarity", "length")
     labels = {
         "accuracy": "answer accuracy (share)",
@@ -74,6 +75,9 @@ class Reasoning(PerSetting):
             ids, _ = chat_ids(tokenizer, INSTRUCTION + problem["question"], "")
             items.append(Item(problem["id"], ids, dict(answer=problem["answer"])))
         return items
+
+    def capacity(self, item: Item, model: str) -> int:
+        return len(item.token_ids) + self.max_new_tokens
 
     def complete(self, tracer: Tracer, item: Item, policy: Policy | None, budget: Budget | None) -> list[int]:
         ids = torch.tensor(item.token_ids, device=tracer.device)
