@@ -142,7 +142,8 @@ def compare(
     """(table, per-document rows); with `out`, writes ``compare.csv``, ``compare_per_document.csv`` and
     ``compare.png/.svg`` there."""
     for trace in traces:  # bad input fails before any work
-        eviction_time(trace, evict_at)
+        t = eviction_time(trace, evict_at)
+        budget.check_count(t + 1, f"the prefix 0..{t} of trace {trace.id!r}")
     frame = pd.concat(
         [
             document_frame(tracer, trace, budget, evict_at, model=model)

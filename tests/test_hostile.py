@@ -304,6 +304,10 @@ BAD_AFTER_LOADING = [
         ["generate", "hello", "--policy", "snapkv", "--budget", "0.5", "--max-new-tokens", "100000"],
         "the prompt (31 tokens) plus the new tokens exceed the model's context of 8192",
     ),
+    (
+        ["compare", "essay:gap", "--max-tokens", "40", "--budget", "500", "--out", "{tmp}/c"],
+        "budget of 500 tokens is larger than the prefix 0..20 of trace 'essay:gap' (21 tokens)",
+    ),
     (["score", "{long}"], "has 3"),
     (["demo", "--docs", "1000", "--out", "{tmp}/demo"], "the evaluation essays hold only"),
 ]
