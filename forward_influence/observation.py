@@ -89,7 +89,9 @@ class Reads:
 @dataclass
 class LayerObservation:
     """One layer's view of the cache (see the module docstring for shapes). `inv_freq` holds the RoPE
-    inverse frequencies ``[rotary_dim / 2]`` of the layer (None for a model without RoPE)."""
+    inverse frequencies ``[rotary_dim / 2]`` of the layer (None for a model without RoPE);
+    `output_weight` the attention's output projection ``[hidden, heads * head_dim]`` (the model's own
+    parameter, not a copy), through which each head's values reach the residual stream."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -100,6 +102,7 @@ class LayerObservation:
     scaling: float
     sliding_window: int | None = None
     inv_freq: torch.Tensor | None = None
+    output_weight: torch.Tensor | None = None
 
 
 @dataclass
@@ -219,6 +222,7 @@ def observe(
                 scaling=attention.scaling,
                 sliding_window=sliding,
                 inv_freq=rotary_frequencies(tracer.model, index),
+                output_weight=attention.o_proj.weight,
             )
         )
     entropy = (

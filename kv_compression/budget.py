@@ -121,10 +121,16 @@ class Budget:
         return prompt + math.ceil(self.value * (seen - prompt) - 1e-9)
 
 
-def layer_scores(policy: Policy, obs: Observation) -> list[torch.Tensor | None]:
-    """Per layer, the policy's scores ``[batch, kv_heads, tokens]``, or None for sliding-window layers."""
+def layer_scores(policy: Policy, obs: Observation, per_layer: list[int] | None = None) -> list[torch.Tensor | None]:
+    """Per layer, the policy's scores ``[batch, kv_heads, tokens]``, or None for sliding-window layers;
+    with `per_layer` (kept tokens per layer), the scores that keep that many (`Policy.kept_scores`)."""
     return [
-        None if view.sliding_window is not None else policy.score(obs, layer) for layer, view in enumerate(obs.layers)
+        None
+        if view.sliding_window is not None
+        else policy.score(obs, layer)
+        if per_layer is None
+        else policy.kept_scores(obs, layer, per_layer[layer])
+        for layer, view in enumerate(obs.layers)
     ]
 
 
@@ -149,13 +155,25 @@ def kept_indices(
 ) -> list[torch.Tensor | None]:
     """Per layer, the kept cache indices ``[batch, kv_heads, k]`` in ascending order, or None for
     sliding-window layers (left to their window). Uniform heads only (see `kept_masks`).
-    `scores` (from `layer_scores`) saves scoring again when the caller has them."""
+    `scores` (from `layer_scores`) saves scoring again when the caller has them (a `budgeted` policy
+    scores for the budget anyway)."""
     if budget.head_floor is not None:
         raise InputError("per-head budgets keep different numbers of tokens per head; use kept_masks")
-    scores = layer_scores(policy, obs) if scores is None else scores
+    per_layer, scores = _scored(policy, obs, budget, scores)
+    return top_indices(obs, scores, per_layer)
+
+
+def _scored(
+    policy: Policy, obs: Observation, budget: Budget, scores: list[torch.Tensor | None] | None
+) -> tuple[list[int], list[torch.Tensor | None]]:
+    """The kept tokens per layer at `budget` and the scores that choose them (`scores` unless missing or
+    the policy is `budgeted`)."""
     full = [layer for layer, view in enumerate(obs.layers) if view.sliding_window is None]
     n = obs.num_tokens(full[0]) if full else 0
-    return top_indices(obs, scores, policy.layer_budgets(budget.tokens(n), len(obs.layers)))
+    per_layer = policy.layer_budgets(budget.tokens(n), len(obs.layers))
+    if scores is None or policy.budgeted:
+        scores = layer_scores(policy, obs, per_layer)
+    return per_layer, scores
 
 
 def kept_masks(
@@ -164,8 +182,8 @@ def kept_masks(
     """Per layer, a boolean ``[batch, kv_heads, tokens]`` mask of the kept cache entries (None for
     sliding-window layers); with a per-head budget heads may keep different numbers of tokens.
     `scores` as in `kept_indices`."""
-    scores = layer_scores(policy, obs) if scores is None else scores
-    uniform = kept_indices(policy, obs, Budget(budget.value, budget.kind), scores)
+    per_layer, scores = _scored(policy, obs, budget, scores)
+    uniform = top_indices(obs, scores, per_layer)
     masks = []
     for layer, index in enumerate(uniform):
         if index is None:

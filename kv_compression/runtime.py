@@ -267,6 +267,7 @@ class CompressedCache(DynamicCache):
                         cumulative_attention=cached.cumulative,
                         scaling=cached.scaling,
                         inv_freq=rotary_frequencies(self.model, layer),
+                        output_weight=self.model.get_decoder().layers[layer].self_attn.o_proj.weight,
                     )
                 )
             else:
@@ -296,7 +297,7 @@ class CompressedCache(DynamicCache):
         """Score every full-attention layer and keep `layer_targets()` entries per KV head, physically."""
         obs = self.observation()
         targets = self.layer_targets()
-        kept = top_indices(obs, layer_scores(self.policy, obs), targets)
+        kept = top_indices(obs, layer_scores(self.policy, obs, targets), targets)
         event = Compression(time=self.seen - 1, kept={}, before={})
         for layer, index in enumerate(kept):
             if index is None:

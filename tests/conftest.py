@@ -86,4 +86,6 @@ def small_policy(name: str):
     sizes = dict(window=4, recent=4, top_k=5, future=16, distance=8)
     if name == "learned":
         sizes["weights"] = tuple(torch.linspace(-1, 1, len(SIGNALS)).tolist())
+    if name == "criticalkv":
+        sizes["inner"] = "tova"  # its inner policy takes default fields: one without a window
     return cls(**{k: v for k, v in sizes.items() if k in fields})

@@ -11,7 +11,7 @@ from forward_influence.logits import logits_of
 from forward_influence.observation import observe
 from forward_influence.tracer import Tracer, expand_cache
 from kv_compression.budget import Budget, kept_indices
-from kv_compression.policies import H2O, RPC, ExpectedAttention, InfoKV, SnapKV
+from kv_compression.policies import ExpectedAttention, InfoKV, SnapKV
 from kv_compression.runtime import (
     CompressedCache,
     compressing,
@@ -98,14 +98,10 @@ def test_eviction_changes_the_generation_so_the_equality_is_not_vacuous():
 @pytest.mark.parametrize(
     "policy",
     [
-        SnapKV(window=4),
-        H2O(recent=4),
-        InfoKV(window=4),
+        *(small_policy(name) for name in ONLINE),
         InfoKV(window=4, evolution="logit_lens", top_k=5),
         InfoKV(window=4, evolution="across_layers", combination="rank"),
-        small_policy("learned"),
         ExpectedAttention(window=8),
-        RPC(window=4),
     ],
     ids=lambda p: repr(p)[:40],
 )

@@ -13,7 +13,7 @@ from forward_influence_cli.main import main
 from kv_compression.budget import Budget, layer_scores, top_indices
 from kv_compression.kvpress import PolicyPress, kept_positions, press
 from kv_compression.offline import observation
-from kv_compression.policies import TOVA, InfoKV, Knorm, SnapKV, StreamingLLM
+from kv_compression.policies import TOVA, CriticalKV, InfoKV, KeyDiff, Knorm, SnapKV, StreamingLLM
 from kv_compression.runtime import CompressedCache, compressing
 
 RATIO = 0.75
@@ -56,6 +56,12 @@ COUNTERPARTS = [
     (TOVA(), kvpress.TOVAPress(compression_ratio=RATIO)),
     (Knorm(), kvpress.KnormPress(compression_ratio=RATIO)),
     (SnapKV(window=64, kernel=5), kvpress.SnapKVPress(compression_ratio=RATIO, window_size=64, kernel_size=5)),
+    (KeyDiff(), kvpress.KeyDiffPress(compression_ratio=RATIO)),
+    # Our inner SnapKV has a 32-token window, inside the first stage's 50 tokens, as kvpress's is.
+    (
+        CriticalKV(inner="snapkv"),
+        kvpress.CriticalKVPress(kvpress.SnapKVPress(compression_ratio=RATIO, window_size=32, kernel_size=5)),
+    ),
 ]
 
 
@@ -69,7 +75,7 @@ def test_our_baselines_keep_the_positions_kvpress_keeps(loaded, ids, ours, their
     k = int(len(ids) * (1 - RATIO))
     theirs_kept = kept_positions(loaded.model, ids, theirs)
     obs = observation(Tracer(loaded), ids, [ours])
-    scores = layer_scores(ours, obs)
+    scores = layer_scores(ours, obs, [k] * len(obs.layers))
     ours_kept = top_indices(obs, scores, [k] * len(obs.layers))
     differing = 0
     for layer, (a, b) in enumerate(zip(ours_kept, theirs_kept)):

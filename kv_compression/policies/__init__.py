@@ -1,11 +1,13 @@
 """Scoring policies, one per file, by their CLI names."""
 
 from .base import Policy
+from .criticalkv import CriticalKV
 from .entropy import Entropy
 from .evolution import Evolution
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .infokv import InfoKV
+from .keydiff import KeyDiff
 from .knorm import Knorm
 from .learned import Learned
 from .optimal import Optimal
@@ -30,6 +32,8 @@ POLICIES: dict[str, type[Policy]] = {
         RKV,
         ExpectedAttention,
         RPC,
+        KeyDiff,
+        CriticalKV,
         Random,
         Entropy,
         Evolution,

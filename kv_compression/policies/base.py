@@ -143,6 +143,7 @@ class Policy:
 
     name: ClassVar[str] = ""
     online: ClassVar[bool] = True  # False: scores only from a traced trace, never inside generation
+    budgeted: ClassVar[bool] = False  # True: what it keeps depends on how many it keeps (`kept_scores`)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -156,6 +157,12 @@ class Policy:
         higher means keep, +inf for tokens the method always keeps. A subclass states its rule here
         and reads only what `reads` declares."""
         raise NotImplementedError(f"{type(self).__name__} must implement score(obs, layer)")
+
+    def kept_scores(self, obs: Observation, layer: int, kept: int) -> torch.Tensor:
+        """Scores whose `kept` best per KV head are the tokens the policy keeps of layer `layer`: `score`,
+        unless the choice depends on how many are kept (a `budgeted` policy, such as CriticalKV, whose
+        first stage keeps a share of the budget by another rule)."""
+        return self.score(obs, layer)
 
     def layer_budgets(self, tokens: int, num_layers: int) -> list[int]:
         """Kept tokens per layer for a per-layer budget of `tokens` (uniform)."""
