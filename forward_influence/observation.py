@@ -31,6 +31,7 @@ from .defaults import QUERY_WINDOW
 from .errors import InputError
 from .influence import clean_run
 from .logits import DEFAULT_CHUNK, topk_entropies
+from .reconstruction import Reconstruction
 from .scan import scan_at
 from .set_optimum import SetOptimum, SetSearch
 from .signals import distance_to_final, generated_alignment, representation_change
@@ -57,6 +58,9 @@ class Reads:
     set_search: the searches for the eviction set that minimises the future's divergence
         (`forward_influence.set_optimum`) whose results are recorded; like `influence`, they need the
         tokens that follow (`kv_compression.offline` runs them from its policies' starting scores).
+    reconstruction: the reconstruction passes (`forward_influence.reconstruction`, KVzip's signal)
+        whose scores of every cached entry are recorded (`kv_compression.reconstruction_pass` runs them,
+        offline and online).
     """
 
     window: int = 0
@@ -68,6 +72,7 @@ class Reads:
     influence: int = 0
     press: frozenset[str] = frozenset()
     set_search: frozenset[SetSearch] = frozenset()
+    reconstruction: frozenset[Reconstruction] = frozenset()
 
     def __or__(self, other: Reads) -> Reads:
         """Everything either reads (the longer window and influence distance)."""
@@ -115,7 +120,8 @@ class Observation:
     the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l,
     influence[:, p] the measured Forward Influence of token p evicted alone now, press_scores[press][l]
     the ``[batch, kv_heads, tokens]`` scores a kvpress press gave layer l, set_optimum[search] what a
-    set search found (each None or empty unless read). `prompt_length` is the number of prompt tokens
+    set search found, reconstruction[spec][l] the ``[batch, kv_heads, tokens]`` reconstruction scores of
+    layer l (each None or empty unless read). `prompt_length` is the number of prompt tokens
     when the observation is taken while decoding (None when the whole trace is the prompt).
     """
 
@@ -127,6 +133,7 @@ class Observation:
     influence: torch.Tensor | None = None
     press_scores: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     set_optimum: dict[SetSearch, SetOptimum] = field(default_factory=dict)
+    reconstruction: dict[Reconstruction, list[torch.Tensor | None]] = field(default_factory=dict)
     prompt_length: int | None = None
     derived: dict = field(default_factory=dict, repr=False)  # what a policy derives once and reads per layer
 

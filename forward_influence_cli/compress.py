@@ -83,6 +83,7 @@ def generate(args: argparse.Namespace) -> None:
         args.budget,
         buffer=args.buffer,
         max_new_tokens=args.max_new_tokens,
+        tokenizer=loaded.tokenizer,
         pad_token_id=pad_token_id(loaded.tokenizer),
         **sampling,
     )

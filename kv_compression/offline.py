@@ -25,6 +25,7 @@ from forward_influence.tracer import Tracer
 from .budget import Budget, layer_scores
 from .policies import POLICIES, Policy
 from .policies.optimal import UNIFORM
+from .runtime import held
 
 
 def reads(policies: Sequence[Policy]) -> Reads:
@@ -49,10 +50,18 @@ def observation(
 
         ids = torch.as_tensor(token_ids).tolist()
         obs.press_scores = {spec: kvpress.press_scores(tracer.model, ids, spec) for spec in wanted.press}
+    if wanted.reconstruction:
+        cache = held(tracer.model, torch.as_tensor(token_ids).tolist(), _reading(policies), tracer.tokenizer)
+        obs.reconstruction = {spec: cache.reconstruction(spec) for spec in wanted.reconstruction}
     if wanted.set_search:
         ids = torch.as_tensor(token_ids).tolist()
         obs.set_optimum = {search: set_optimum(tracer, obs, ids, future, search) for search in wanted.set_search}
     return obs
+
+
+def _reading(policies: Sequence[Policy]) -> Policy:
+    """A policy of `policies` that reads a reconstruction (the held cache is built for it)."""
+    return next(p for p in policies if p.reads().reconstruction)
 
 
 def set_optimum(

@@ -43,10 +43,12 @@ from forward_influence.eviction import EvictionSpec, evictions
 from forward_influence.logits import logits_of, topk_entropies
 from forward_influence.models import attention_implementation
 from forward_influence.observation import LayerObservation, Observation, lens_entropies, rotary_frequencies
+from forward_influence.reconstruction import Reconstruction, reconstruction_prompt
 from forward_influence.signals import distance_to_final, representation_change
 
 from .budget import Budget, layer_scores, top_indices
 from .policies import Policy
+from .reconstruction_pass import reconstruction_scores
 
 BUFFER = 128
 SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.9)
@@ -140,10 +142,11 @@ class CompressedCache(DynamicCache):
 
     Attributes after generation: `seen` (tokens processed), `prompt_length`, `planned` (the per-layer
     budgets of the last compression), `compressions` (the eviction events), `last_observation` (what
-    the policy scored at the last eviction).
+    the policy scored at the last eviction). A `frozen` cache neither compresses nor records. A policy
+    that reconstructs the context (KVzip) needs the `tokenizer` to build its prompt.
     """
 
-    def __init__(self, model: PreTrainedModel, policy: Policy, budget: Budget, buffer: int = BUFFER):
+    def __init__(self, model: PreTrainedModel, policy: Policy, budget: Budget, buffer: int = BUFFER, tokenizer=None):
         super().__init__(config=model.config)
         if buffer < 0:
             raise InputError(f"--buffer must be at least 0, got {buffer}")
@@ -158,6 +161,16 @@ class CompressedCache(DynamicCache):
             )
         self.model, self.policy, self.budget, self.buffer = model, policy, budget, buffer
         self.reads = policy.reads()
+        self.prompt = None
+        if self.reads.reconstruction:
+            if tokenizer is None:
+                raise InputError(
+                    f"policy {policy.name!r} reconstructs the context from the cache: pass the tokenizer, "
+                    "which builds its prompt"
+                )
+            self.prompt = reconstruction_prompt(tokenizer)
+        self.frozen = False
+        self.token_ids: list[int] = []  # every token seen, for a pass that reconstructs them
         self.window = max(self.reads.window, QUERY_WINDOW)
         text = model.config.get_text_config(decoder=True)
         self.num_layers = text.num_hidden_layers
@@ -182,13 +195,19 @@ class CompressedCache(DynamicCache):
 
     # -- recording ----------------------------------------------------------------------------
 
+    def record_ids(self, ids: torch.Tensor) -> None:
+        if self.reads.reconstruction and not self.frozen:
+            self.token_ids += ids[0].tolist()
+
     def record_attention(self, module, query: torch.Tensor, key: torch.Tensor) -> None:
-        if module.layer_idx in self.full_layers:
+        if module.layer_idx in self.full_layers and not self.frozen:
             self.layers[module.layer_idx].record(
                 query, key, self._step, self.window, self.reads.cumulative_attention, module.scaling
             )
 
     def record_layer(self, layer: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        if self.frozen:
+            return
         hidden_out = hidden_out.detach()
         if self.reads.layer_change:
             self._layer_change[layer].append(representation_change(hidden_in, hidden_out))
@@ -202,7 +221,7 @@ class CompressedCache(DynamicCache):
                 self._outputs = []
 
     def record_final(self, final: torch.Tensor) -> None:
-        if self.reads.top_k:
+        if self.reads.top_k and not self.frozen:
             for k, value in topk_entropies(self.model, final[0].float(), self.reads.top_k).items():
                 self._entropy[k].append(value[None])
 
@@ -238,7 +257,7 @@ class CompressedCache(DynamicCache):
     def maybe_compress(self) -> bool:
         """Compress if due; `update` calls this at the start of every forward pass. Returns whether it
         compressed."""
-        if not self.seen or not self.full_layers:
+        if not self.seen or not self.full_layers or self.frozen:
             return False
         if self.due():
             self.compress()
@@ -290,8 +309,18 @@ class CompressedCache(DynamicCache):
             layer_change=stacked(self._layer_change) if self.reads.layer_change else None,
             final_distance=torch.cat(self._final_distance, dim=2) if self.reads.final_distance else None,
             logit_lens={k: stacked(rows) for k, rows in self._lens.items()},
+            reconstruction={spec: self.reconstruction(spec) for spec in self.reads.reconstruction},
             prompt_length=self.prompt_length,
         )
+
+    def reconstruction(self, spec: Reconstruction) -> list[torch.Tensor | None]:
+        """KVzip's reconstruction scores of the entries held now (`kv_compression.reconstruction_pass`);
+        the cache is frozen while the pass runs, so the pass leaves it as it was."""
+        frozen, self.frozen = self.frozen, True
+        try:
+            return reconstruction_scores(self.model, self, self.token_ids, spec, self.prompt)
+        finally:
+            self.frozen = frozen
 
     def compress(self) -> None:
         """Score every full-attention layer and keep `layer_targets()` entries per KV head, physically."""
@@ -322,6 +351,7 @@ class CompressedCache(DynamicCache):
         other._final_distance = list(self._final_distance)
         other._lens = {k: [list(rows) for rows in layers] for k, layers in self._lens.items()}
         other._outputs = list(self._outputs)
+        other.token_ids = list(self.token_ids)
         return other
 
     def sizes(self) -> dict[str, int]:
@@ -337,6 +367,17 @@ class CompressedCache(DynamicCache):
         )
         kept = self.layers[self.full_layers[0]].keys.shape[2] if self.full_layers else self.seen
         return dict(full_tokens=self.seen, kept_tokens=kept, full_bytes=full_bytes, kept_bytes=kept_bytes)
+
+
+def held(model: PreTrainedModel, token_ids: Sequence[int], policy: Policy, tokenizer=None) -> CompressedCache:
+    """A cache holding the prefill of `token_ids` exactly as the runtime would before compressing it for
+    `policy`, frozen: the offline twin of the runtime's state, for passes over a held cache."""
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=model.device)[None]
+    cache = CompressedCache(model, policy, Budget(ids.shape[1], "count"), tokenizer=tokenizer)
+    with compressing(model, cache), torch.no_grad():
+        model.get_decoder()(ids, past_key_values=cache)
+    cache.frozen = True
+    return cache
 
 
 def replay_specs(cache: CompressedCache) -> list[EvictionSpec]:
@@ -368,6 +409,9 @@ def compressing(model: PreTrainedModel, cache: CompressedCache) -> Iterator[Comp
 
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     handles.append(decoder.norm.register_forward_hook(lambda module, args, output: cache.record_final(output)))
+    handles.append(
+        model.get_input_embeddings().register_forward_pre_hook(lambda module, args: cache.record_ids(args[0]))
+    )
     try:
         with attention_implementation(model, _NAME.format(base)):
             yield cache
@@ -394,14 +438,16 @@ def generate(
     budget: Budget,
     buffer: int = BUFFER,
     max_new_tokens: int = 64,
+    tokenizer=None,
     **generate_kwargs,
 ) -> tuple[torch.Tensor, CompressedCache]:
     """`model.generate` with a `CompressedCache`: returns the generated ids ``[1, prompt + new]`` and
     the cache (its `sizes()` and `compressions` tell what was kept). Extra keyword arguments go to
-    `model.generate` (e.g. ``do_sample=True, temperature=0.7``); greedy by default."""
+    `model.generate` (e.g. ``do_sample=True, temperature=0.7``); greedy by default. `tokenizer` as in
+    `CompressedCache`."""
     input_ids = _one_sequence(input_ids)
     budget.check_count(input_ids.shape[1] + max_new_tokens, "the prompt plus the new tokens")
-    cache = CompressedCache(model, policy, budget, buffer=buffer)
+    cache = CompressedCache(model, policy, budget, buffer=buffer, tokenizer=tokenizer)
     generate_kwargs.setdefault("do_sample", False)
     with compressing(model, cache), torch.no_grad():
         output = model.generate(
@@ -451,11 +497,13 @@ def teacher_forced(
     budget: Budget,
     buffer: int = BUFFER,
     stops: Sequence[int] = (),
+    tokenizer=None,
 ) -> tuple[torch.Tensor, CompressedCache, dict[int, CompressedCache]]:
     """Feed a fixed continuation to a compressed cache, as decoding those tokens would: the final normed
     hidden states ``[len(continuation), hidden]`` that predict each continuation token (the first from
     the prompt's last position), the cache, and a `snapshot` of the cache at each of `stops` (after the
     first p continuation tokens; its state is ``states[p]``), to decode from without replaying again.
+    `tokenizer` as in `CompressedCache`.
 
     The tokens run in blocks that end where a compression falls due (or at a stop), so the cache
     compresses at the same times, scores the same observations and keeps the same tokens as
@@ -463,7 +511,7 @@ def teacher_forced(
     one per token."""
     prompt_ids, continuation_ids = _one_sequence(prompt_ids), _one_sequence(continuation_ids)
     budget.check_count(prompt_ids.shape[1] + continuation_ids.shape[1], "the prompt plus the continuation")
-    cache = CompressedCache(model, policy, budget, buffer=buffer)
+    cache = CompressedCache(model, policy, budget, buffer=buffer, tokenizer=tokenizer)
     decoder, device = model.get_decoder(), model.device
     with compressing(model, cache), torch.no_grad():
         first = decoder(prompt_ids.to(device), past_key_values=cache).last_hidden_state[0, -1:]

@@ -79,11 +79,11 @@ ONLINE = sorted(name for name, cls in POLICIES.items() if cls.online)
 
 
 def small_policy(name: str):
-    """The policy `name` sized for the tiny models: windows of 4 queries or tokens, top-k 5, and for the
-    learned policy a fixed weight vector (any vector exercises its rule)."""
+    """The policy `name` sized for the tiny models: windows of 4 queries or tokens, top-k 5, chunks of 12
+    tokens, and for the learned policy a fixed weight vector (any vector exercises its rule)."""
     cls = POLICIES[name]
     fields = {f.name for f in dataclasses.fields(cls)}
-    sizes = dict(window=4, recent=4, top_k=5, future=16, distance=8)
+    sizes = dict(window=4, recent=4, top_k=5, future=16, distance=8, chunk=12)
     if name == "learned":
         sizes["weights"] = tuple(torch.linspace(-1, 1, len(SIGNALS)).tolist())
     if name == "criticalkv":

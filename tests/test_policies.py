@@ -371,3 +371,49 @@ def test_every_policy_field_refuses_values_outside_its_declaration():
                     cls(**{field.name: value})
                 checked += 1
     assert checked > 100  # every policy declares its knobs; the walk is not empty
+
+
+def test_kvzip_scores_the_largest_attention_of_the_reconstruction_queries(llama, ids):
+    """Without a chat template nothing is skipped and one chunk covers the context, so the pass's
+    softmax is the model's own causal attention over the context followed by the reconstruction input."""
+    from forward_influence.reconstruction import chunk_inputs, reconstruction_prompt
+    from kv_compression.policies import KVzip
+
+    policy = KVzip(sinks=2, chunk=64)
+    obs = observation(llama, ids, [policy])
+    ((start, end, extra),) = chunk_inputs(reconstruction_prompt(llama.tokenizer), ids.tolist(), 64)
+    assert (start, end) == (0, T) and extra[-T:] == ids.tolist()
+    with attention_implementation(llama.model, "eager"), torch.no_grad():
+        attentions = llama.model(torch.cat([ids, torch.tensor(extra)])[None], output_attentions=True).attentions
+    for layer, attention in enumerate(attentions):
+        expected = attention[0, :, T:, :T].amax(dim=1).reshape(2, 2, T).amax(dim=1)
+        assert torch.allclose(obs.reconstruction[policy.signal()][layer][0], expected, atol=1e-5), layer
+        scores = policy.score(obs, layer)[0]
+        assert torch.isinf(scores[:, :2]).all() and torch.equal(
+            scores[:, 2:], obs.reconstruction[policy.signal()][layer][0, :, 2:]
+        )
+
+
+def test_a_later_chunk_quotes_the_previous_one_and_a_chat_header_is_not_reconstructed():
+    from forward_influence.reconstruction import ReconstructionPrompt, chunk_inputs
+
+    prompt = ReconstructionPrompt(skip=3, first=(90,), later=(91,), suffix=(92, 93))
+    ids = list(range(30))
+    passes = chunk_inputs(prompt, ids, 10)
+    assert [(s, e) for s, e, _ in passes] == [(3, 13), (13, 23), (23, 30)]
+    assert passes[0][2] == [90, 92, 93, *range(3, 13)]
+    assert passes[1][2] == [91, *range(5, 13), 92, 93, *range(13, 23)]  # the last 8 tokens of the chunk before
+
+
+@pytest.mark.slow
+def test_the_reconstruction_prompt_of_a_chat_model_closes_the_user_turn(embedded):
+    from forward_influence.reconstruction import FIRST, reconstruction_prompt
+
+    tokenizer = embedded.tokenizer
+    prompt = reconstruction_prompt(tokenizer)
+    header = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+    )
+    assert tokenizer.decode(prompt.first) == FIRST
+    assert tokenizer.decode(prompt.suffix) == header.split("x")[-1]  # end of the user turn, the assistant's header
+    assert prompt.skip == len(tokenizer.encode(header.split("x")[0], add_special_tokens=False))

@@ -8,9 +8,9 @@ import torch
 from forward_influence.errors import InputError
 from forward_influence.eviction import build_masks
 from forward_influence.logits import logits_of
-from forward_influence.observation import observe
 from forward_influence.tracer import Tracer, expand_cache
 from kv_compression.budget import Budget, kept_indices
+from kv_compression.offline import observation
 from kv_compression.policies import ExpectedAttention, InfoKV, SnapKV
 from kv_compression.runtime import (
     CompressedCache,
@@ -51,6 +51,7 @@ def test_generation_with_eviction_equals_masked_simulation(kind, name):
         Budget.parse("12"),
         buffer=6,
         max_new_tokens=20,
+        tokenizer=loaded.tokenizer,
         min_new_tokens=20,
         output_logits=True,
         return_dict_in_generate=True,
@@ -109,10 +110,17 @@ def test_online_scores_equal_offline_scores(policy):
     loaded = tiny_model("llama")
     prompt = _prompt()
     out, cache = generate(
-        loaded.model, prompt, policy, Budget.parse("0.4"), buffer=100, max_new_tokens=2, pad_token_id=0
+        loaded.model,
+        prompt,
+        policy,
+        Budget.parse("0.4"),
+        buffer=100,
+        max_new_tokens=2,
+        tokenizer=loaded.tokenizer,
+        pad_token_id=0,
     )
     assert len(cache.compressions) == 1
-    offline = observe(Tracer(loaded), prompt, policy.reads())
+    offline = observation(Tracer(loaded), prompt, [policy])
     kept = kept_indices(policy, offline, Budget.parse("0.4"))
     for layer, positions in cache.compressions[0].kept.items():
         assert torch.equal(positions, kept[layer][0]), layer

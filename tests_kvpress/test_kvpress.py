@@ -133,3 +133,29 @@ def test_a_press_field_out_of_range_is_one_line_before_the_model_loads(capsys, m
     assert main(["score", "essay:gap", "--policy", f"kvpress:{spec}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_kvzip_scores_equal_kvpress_kvzip_scores(loaded, ids, monkeypatch, plus):
+    """The same score for every entry of every layer and KV head, over four reconstruction chunks, with the
+    chat template's header skipped (both score it 0); kvpress keeps every layer's sinks by score, we by +inf."""
+    import kvpress.presses.kvzip_press as kvzip_press
+
+    from forward_influence.tracer import Tracer
+    from kv_compression.policies import KVzip
+
+    # kvpress reloads the tokenizer by the model's name, which an embedded GGUF model does not have.
+    monkeypatch.setattr(kvzip_press.AutoTokenizer, "from_pretrained", lambda *a, **k: loaded.tokenizer)
+    theirs = kvpress.KVzipPress(compression_ratio=RATIO, chunk_size=128, kvzip_plus_normalization=plus)
+    recorded, compress = {}, theirs.compress_post
+    monkeypatch.setattr(
+        theirs, "compress_post", lambda model: (recorded.update(s=theirs.score_val.clone()), compress(model))
+    )
+    with torch.no_grad(), theirs(loaded.model):
+        loaded.model.get_decoder()(input_ids=torch.tensor([ids]), past_key_values=DynamicCache())
+    ours = KVzip(chunk=128, plus=plus)
+    obs = observation(Tracer(loaded), ids, [ours])
+    scores = torch.stack([layer[0] for layer in obs.reconstruction[ours.signal()]])  # [layers, kv_heads, tokens]
+    expected = recorded["s"][:, 0].float()
+    assert (scores == 0).sum() == (expected == 0).sum() > 0  # the header
+    assert torch.allclose(scores[..., 4:], expected[..., 4:], rtol=1e-4, atol=1e-6)

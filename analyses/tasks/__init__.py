@@ -97,7 +97,16 @@ def greedy_completion(
                 pad_token_id=pad,
             )
     else:
-        output, _ = generate(model, ids, policy, budget, buffer=buffer, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        output, _ = generate(
+            model,
+            ids,
+            policy,
+            budget,
+            buffer=buffer,
+            max_new_tokens=max_new_tokens,
+            tokenizer=tracer.tokenizer,
+            pad_token_id=pad,
+        )
     return output[0, len(ids) :].tolist()
 
 

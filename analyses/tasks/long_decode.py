@@ -273,7 +273,9 @@ class LongDecode(PerSetting):
         model, prompt = tracer.model, torch.tensor(item.token_ids)
         generated = torch.tensor(reference.generated)
         points = self.branch_points(len(generated))
-        states, _, snapshots = teacher_forced(model, prompt, generated, policy, budget, self.buffer, stops=points)
+        states, _, snapshots = teacher_forced(
+            model, prompt, generated, policy, budget, self.buffer, stops=points, tokenizer=tracer.tokenizer
+        )
         positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(generated), device=tracer.device)
         kl, agree, nll = (
             x.float().cpu().numpy()

@@ -9,6 +9,7 @@ from .h2o import H2O
 from .infokv import InfoKV
 from .keydiff import KeyDiff
 from .knorm import Knorm
+from .kvzip import KVzip
 from .learned import Learned
 from .optimal import Optimal
 from .oracle import Oracle
@@ -32,6 +33,7 @@ POLICIES: dict[str, type[Policy]] = {
         RKV,
         ExpectedAttention,
         RPC,
+        KVzip,
         KeyDiff,
         CriticalKV,
         Random,
