@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,8 +119,9 @@ class Observation:
     `entropy` also gives the generated alignment. layer_change[:, l, p] is ``1 - cos`` of token p across
     layer l, final_distance[:, l, p] the cosine distance of its stream after layer l to its stream after
     the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l,
-    influence[:, p] the measured Forward Influence of token p evicted alone now, press_scores[press][l]
-    the ``[batch, kv_heads, tokens]`` scores a kvpress press gave layer l, set_optimum[search] what a
+    influence[:, p] the measured Forward Influence of token p evicted alone now, press_scores[press]
+    a kvpress press's recorded scores (`kv_compression.kvpress.PressScores`: per layer
+    ``[batch, kv_heads, tokens]``, at a compression ratio), set_optimum[search] what a
     set search found, reconstruction[spec][l] the ``[batch, kv_heads, tokens]`` reconstruction scores of
     layer l (each None or empty unless read). `prompt_length` is the number of prompt tokens
     when the observation is taken while decoding (None when the whole trace is the prompt).
@@ -131,7 +133,7 @@ class Observation:
     final_distance: torch.Tensor | None = None
     logit_lens: dict[int, torch.Tensor] = field(default_factory=dict)
     influence: torch.Tensor | None = None
-    press_scores: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    press_scores: dict[str, Any] = field(default_factory=dict)
     set_optimum: dict[SetSearch, SetOptimum] = field(default_factory=dict)
     reconstruction: dict[Reconstruction, list[torch.Tensor | None]] = field(default_factory=dict)
     prompt_length: int | None = None

@@ -111,18 +111,23 @@ def reconstruction_received(
     keys; `positions` ``[batch, kv_heads, n]`` the cached entries' original positions. `weights`, for
     KVzip+: the query rows' hidden-state norms ``[batch, r]`` and the per-head value output norms
     ``[batch, heads, n + r]``."""
-    b, heads, r, _ = query.shape
+    b, heads, r, head_dim = query.shape
     kv_heads, n = positions.shape[1], positions.shape[2]
     group = heads // kv_heads
-    logits = query.float() @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2) * scaling
-    cached = positions.repeat_interleave(group, dim=1)[:, :, None, :]  # [b, heads, 1, n]
-    visible_cached = (cached < min(sinks, start)) | ((cached >= start) & (cached < end))
-    own = torch.ones(r, r, dtype=torch.bool, device=query.device).tril()
-    visible = torch.cat([visible_cached.expand(b, heads, r, n), own.expand(b, heads, r, r)], dim=-1)
-    attention = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    grouped = query.float().reshape(b, kv_heads, group, r, head_dim)
+    keys = key.float()[:, :, None]  # [b, kv_heads, 1, n + r, head_dim]: shared by the group, never copied
+    # The softmax over (visible cached entries, own causal keys) without concatenating them: the cached
+    # part's log-attention is its logit minus the log-sum-exp of both parts.
+    cached = (grouped @ keys[..., :n, :].transpose(-1, -2)).mul_(scaling)  # [b, kv_heads, group, r, n]
+    own = (grouped @ keys[..., n:, :].transpose(-1, -2)).mul_(scaling)  # [b, kv_heads, group, r, r]
+    visible = (positions < min(sinks, start)) | ((positions >= start) & (positions < end))
+    cached.masked_fill_(~visible[:, :, None, None, :], float("-inf"))
+    own.masked_fill_(~torch.ones(r, r, dtype=torch.bool, device=query.device).tril(), float("-inf"))
+    normaliser = torch.logaddexp(cached.logsumexp(dim=-1), own.logsumexp(dim=-1))  # [b, kv_heads, group, r]
     if weights is not None:
-        hidden_norm, value_norm = weights
-        attention = attention / hidden_norm[:, None, :, None] * value_norm[:, :, None, :]
-    in_chunk = ((positions >= start) & (positions < end)).repeat_interleave(group, dim=1)
-    received = attention[..., :n].amax(dim=2).masked_fill(~in_chunk, 0.0)  # [b, heads, n]
-    return received.reshape(b, kv_heads, group, n).amax(dim=2)
+        normaliser = normaliser + weights[0].log()[:, None, None, :]  # each row over its query's norm
+    received = cached.sub_(normaliser[..., None]).amax(dim=3).exp()  # [b, kv_heads, group, n]
+    if weights is not None:
+        received = received * weights[1][..., :n].reshape(b, kv_heads, group, n)
+    in_chunk = (positions >= start) & (positions < end)
+    return received.amax(dim=2).masked_fill(~in_chunk, 0.0)

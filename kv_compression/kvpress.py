@@ -14,16 +14,24 @@ prefill for InfoKV on the embedded model (its top-256 entropy of every prompt to
 tokens per layer and KV head, as kvpress's presses do.
 
 The other way, `press_scores` runs a kvpress press over a trace and records the scores its
-``score()`` gives every cached token of every layer (any ``ScorerPress``: most of kvpress); the policy
-``kvpress:CLASS[:field=value...]`` (`kv_compression.policies.KvpressScores`) then keeps the tokens the
-press would keep at any budget, and the tracer's masks replay that choice (``score``, ``compare``,
-``eval --task fidelity``).
+``score()`` gives every cached token of every layer; the policy ``kvpress:CLASS[:field=value...]``
+(`kv_compression.policies.KvpressScores`) then keeps the tokens the press keeps, and the tracer's
+masks replay that choice (``score``, ``compare``, ``eval --task fidelity``). The press runs at each
+budget's own compression ratio (`PressScores`), since a press's scores may depend on it (CriticalKV's
+first stage keeps a share of the budget). Measurable are the presses that score every token (kvpress's
+``ScorerPress`` kind: all of them query-agnostic here, since the trace's prefill is the context) and
+the scoring wrappers, whose inner press is named as a field (``CriticalKVPress:press=SnapKVPress``,
+the inner with its default fields). Every other press is refused in one line that says why
+(`press_class`): it compresses while decoding, or by its own rule across heads, channels, layers,
+chunks or merged tokens, or, like KVzip, after passes of its own (the native `kvzip` policy measures
+KVzip).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import typing
 from collections.abc import Iterator, Sequence
@@ -111,22 +119,57 @@ def press(name: str, compression_ratio: float = 0.0, model: str | None = None) -
     return PolicyPress(policy=parse(name, model, quiet=True), compression_ratio=compression_ratio)
 
 
-def press_class(spec: str):
-    """The kvpress press of ``CLASS[:field=value...]``, built with a tiny compression ratio so that it
-    scores every token (fields are converted to the dataclass fields' types)."""
+SCORING_RATIO = 1e-6  # a compression ratio that evicts nothing yet makes a press score every token
+SUPPORTED = "ScorerPress presses (a score per token, e.g. SnapKVPress) and scoring wrappers (CriticalKVPress:press=NAME)"
+
+
+def refusal(name: str) -> str | None:
+    """Why the kvpress press `name` cannot be measured by our tracer (one line), or None if it can."""
+    cls = getattr(kvpress, name, None)
+    lineage = " ".join(base.__name__ for base in cls.__mro__) if isinstance(cls, type) else ""
+    if not (isinstance(cls, type) and issubclass(cls, BasePress)):
+        why = "not a kvpress press"
+    elif cls in (BasePress, ScorerPress):
+        why = "a base class, not a press"
+    elif issubclass(cls, ScorerPress):
+        return None
+    elif "DecodingPress" in lineage:
+        why = "it compresses while decoding, not the prefill"
+    elif "KVzip" in lineage:
+        why = "it scores by reconstructing the context in passes of its own (the native policy kvzip measures KVzip)"
+    elif "press" in inspect.signature(cls).parameters:
+        why = "a wrapper that selects by its own rule (per head, chunk, block or layer), not by one score per token"
+    else:
+        why = "it compresses by its own rule (heads, channels, layers or merged tokens), not by one score per token"
+    return f"kvpress:{name}: cannot be measured: {why}; measurable are {SUPPORTED}"
+
+
+def press_class(spec: str, compression_ratio: float = SCORING_RATIO):
+    """The kvpress press of ``CLASS[:field=value...]`` at `compression_ratio` (fields are converted to the
+    press's parameter types; a ``press`` field names an inner press, built with its default fields)."""
     require()
     name, *assignments = spec.split(":")
-    cls = getattr(kvpress, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, ScorerPress)):
-        raise InputError(f"kvpress:{name}: not a kvpress ScorerPress (a press that scores every token)")
-    hints = typing.get_type_hints(cls)
+    if (why := refusal(name)) is not None:
+        raise InputError(why)
+    cls = getattr(kvpress, name)
+    hints = {k: v for k, v in typing.get_type_hints(cls.__init__).items() if k != "return"}
     fields = {}
     for assignment in assignments:
         field, _, text = assignment.partition("=")
         if field not in hints or field == "compression_ratio":
             raise InputError(f"kvpress:{spec}: {field!r} is not a field of {name}")
-        fields[field] = _field_value(f"kvpress:{name}: {field}", hints[field], text)
-    return cls(compression_ratio=1e-6, **fields)
+        where = f"kvpress:{name}: {field}"
+        if field == "press":
+            if refusal(text) is not None or "press" in inspect.signature(getattr(kvpress, text)).parameters:
+                raise InputError(f"{where} must name a kvpress ScorerPress that scores by itself, got {text!r}")
+            fields[field] = press_class(text, compression_ratio)
+        else:
+            fields[field] = _field_value(where, hints[field], text)
+    if "press" in hints:
+        if "press" not in fields:
+            raise InputError(f"kvpress:{name}: a wrapper; name its inner press, e.g. kvpress:{name}:press=SnapKVPress")
+        return cls(**fields)  # the wrapper's ratio is its inner press's
+    return cls(compression_ratio=compression_ratio, **fields)
 
 
 def _field_value(where: str, kind: type, text: str) -> object:
@@ -149,10 +192,12 @@ def _field_value(where: str, kind: type, text: str) -> object:
     return value
 
 
-def press_scores(model, token_ids: Sequence[int], spec: str) -> list[torch.Tensor | None]:
-    """Per layer, the scores ``[1, kv_heads, tokens]`` a kvpress press gives the tokens of a prefill of
-    `token_ids` (None for layers it leaves alone)."""
-    scorer = press_class(spec)
+def press_scores(
+    model, token_ids: Sequence[int], spec: str, compression_ratio: float = SCORING_RATIO
+) -> list[torch.Tensor | None]:
+    """Per layer, the scores ``[1, kv_heads, tokens]`` a kvpress press at `compression_ratio` gives the
+    tokens of a prefill of `token_ids` (None for layers it leaves alone)."""
+    scorer = press_class(spec, compression_ratio)
     recorded: dict[int, torch.Tensor] = {}
     original = scorer.score
 
@@ -168,6 +213,27 @@ def press_scores(model, token_ids: Sequence[int], spec: str) -> list[torch.Tenso
     with scorer(model), torch.no_grad():
         model.get_decoder()(input_ids=ids, past_key_values=DynamicCache())
     return [recorded.get(layer) for layer in range(model.config.get_text_config(decoder=True).num_hidden_layers)]
+
+
+@dataclasses.dataclass
+class PressScores:
+    """A kvpress press's scores of one prefill, recorded once per compression ratio when first asked
+    (`press_scores`): a press's scores may depend on how much it keeps."""
+
+    model: object
+    token_ids: list[int]
+    spec: str
+    recorded: dict[float, list[torch.Tensor | None]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def at(self, compression_ratio: float = SCORING_RATIO) -> list[torch.Tensor | None]:
+        if compression_ratio not in self.recorded:
+            self.recorded[compression_ratio] = press_scores(self.model, self.token_ids, self.spec, compression_ratio)
+        return self.recorded[compression_ratio]
+
+    def keeping(self, kept: int, tokens: int) -> list[torch.Tensor | None]:
+        """The scores of the press set to keep `kept` of `tokens` tokens (kvpress keeps
+        ``int(tokens * (1 - ratio))``; the margin keeps the product from rounding down)."""
+        return self.at(max(SCORING_RATIO, 1 - (kept + 1e-3) / tokens))
 
 
 def kept_positions(model, token_ids: Sequence[int], compressor) -> list[torch.Tensor | None]:

@@ -49,7 +49,7 @@ def observation(
         from . import kvpress  # an optional extra, in its own environment
 
         ids = torch.as_tensor(token_ids).tolist()
-        obs.press_scores = {spec: kvpress.press_scores(tracer.model, ids, spec) for spec in wanted.press}
+        obs.press_scores = {spec: kvpress.PressScores(tracer.model, ids, spec) for spec in wanted.press}
     if wanted.reconstruction:
         cache = held(tracer.model, torch.as_tensor(token_ids).tolist(), _reading(policies), tracer.tokenizer)
         obs.reconstruction = {spec: cache.reconstruction(spec) for spec in wanted.reconstruction}

@@ -110,7 +110,70 @@ def test_a_kvpress_press_is_measured_like_a_policy(capsys, tmp_path):
     assert frame.keep_share_kvpress.sum() == pytest.approx(64)  # every layer and head keeps a quarter
     assert frame.kept_kvpress.tail(64).all()  # kvpress's SnapKV window (64) is always kept
     code = main(["score", "essay:gap", "--policy", "kvpress:AdaKVPress"])
-    assert code == 2 and "not a kvpress ScorerPress" in capsys.readouterr().err
+    assert code == 2 and "kvpress:AdaKVPress: cannot be measured: a wrapper" in capsys.readouterr().err
+
+
+# What a press is, by kvpress's own classes: the reason each kind is refused.
+REFUSED = {
+    "AdaKVPress": "a wrapper that selects by its own rule",
+    "ThinKPress": "it compresses by its own rule",
+    "DecodingPress": "it compresses while decoding",
+    "CAMPress": "it compresses while decoding",
+    "KVzipPress": "the native policy kvzip measures KVzip",
+    "KVgradPress": "the native policy kvzip measures KVzip",
+    "ScorerPress": "a base class, not a press",
+    "KVPressTextGenerationPipeline": "not a kvpress press",
+}
+
+
+def test_every_kvpress_press_is_measurable_or_refused_in_one_line(capsys, monkeypatch):
+    import forward_influence.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    measurable = []
+    for name in kvpress.__all__:
+        spec = f"kvpress:{name}" + (":press=SnapKVPress" if name == "CriticalKVPress" else "")
+        assert main(["score", "essay:gap", "--policy", spec, "--out", "/dev/null/x.csv"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), (name, err)
+        if "cannot be measured" in err:
+            assert f"kvpress:{name}: cannot be measured: " in err and "measurable are" in err
+            assert REFUSED.get(name, "") in err
+        else:  # accepted: refused only for the output path, checked after the policy
+            assert "/dev/null" in err, (name, err)
+            measurable.append(name)
+        assert {n for n in measurable} == {n for n in kvpress.__all__ if _scores_every_token(n)}
+    assert "CriticalKVPress" in measurable and "KnormPress" in measurable
+
+
+def _scores_every_token(name: str) -> bool:
+    cls = getattr(kvpress, name)
+    return isinstance(cls, type) and issubclass(cls, kvpress.ScorerPress) and cls is not kvpress.ScorerPress
+
+
+def test_a_wrapper_names_its_inner_press(capsys):
+    for spec, message in (
+        ("CriticalKVPress", "kvpress:CriticalKVPress: a wrapper; name its inner press"),
+        ("CriticalKVPress:press=AdaKVPress", "press must name a kvpress ScorerPress that scores by itself"),
+        ("CriticalKVPress:press=CriticalKVPress", "press must name a kvpress ScorerPress that scores by itself"),
+    ):
+        assert main(["score", "essay:gap", "--policy", f"kvpress:{spec}"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_criticalkv_measured_through_kvpress_keeps_what_the_native_policy_keeps(loaded, ids):
+    """The press runs at each budget's own ratio: its first stage depends on the budget (Knorm inside, the
+    same rule on both sides)."""
+    from forward_influence.tracer import Tracer
+    from kv_compression.budget import kept_indices
+    from kv_compression.names import parse
+
+    theirs, ours = parse("kvpress:CriticalKVPress:press=KnormPress"), CriticalKV(inner="knorm")
+    obs = observation(Tracer(loaded), ids, [theirs, ours])
+    for budget in ("0.1", "0.5"):
+        a, b = (kept_indices(p, obs, Budget.parse(budget)) for p in (theirs, ours))
+        rows = [(set(x.tolist()), set(y.tolist())) for x, y in zip(a, b) for x, y in zip(x[0], y[0])]
+        assert sum(len(x & y) for x, y in rows) / sum(len(x) for x, _ in rows) > 0.99, budget
 
 
 def test_policy_press_checks_its_ratio():

@@ -1,14 +1,15 @@
 """Compression benchmark on the embedded model: what scoring and eviction cost, and what they save.
-All five figures come from one run (these machines are noisy; compare ratios, not seconds).
+All six figures come from one run (these machines are noisy; compare ratios, not seconds).
 
     python analyses/benchmarks/bench_compression.py [--quick]
 
-The last line is ``infokv_prefill_overhead=X snapkv_prefill_overhead=Y cache_bytes_ratio=Z
-decode_speed_ratio=W peak_entropy_mem_mb=M``:
+The last line is ``infokv_prefill_overhead=X snapkv_prefill_overhead=Y kvzip_prefill_overhead=V
+cache_bytes_ratio=Z decode_speed_ratio=W peak_entropy_mem_mb=M``:
 
-- X, Y: prefill of a 2048-token prompt with InfoKV (resp. SnapKV) recording, scoring and evicting
-  to a 25% budget, over a plain prefill of the same prompt into a `DynamicCache` (both compute the
-  last position's logits only). Medians of paired ratios.
+- X, Y, V: prefill of a 2048-token prompt with InfoKV (resp. SnapKV, KVzip) recording, scoring and
+  evicting to a 25% budget, over a plain prefill of the same prompt into a `DynamicCache` (both
+  compute the last position's logits only). Medians of paired ratios. KVzip's includes its
+  reconstruction pass (the context fed again over the cache).
 - Z: bytes of keys and values after InfoKV's prefill eviction at budget 0.25, over the bytes the
   cache would hold without eviction.
 - W: decoding speed (tokens/s over 64 greedy tokens) after a 4096-token prompt with InfoKV at a 25%
@@ -42,7 +43,7 @@ from forward_influence.logits import DEFAULT_CHUNK, topk_entropy  # noqa: E402
 from forward_influence.models import load_model  # noqa: E402
 from forward_influence.traces import read_traces  # noqa: E402
 from kv_compression.budget import Budget  # noqa: E402
-from kv_compression.policies import InfoKV, SnapKV  # noqa: E402
+from kv_compression.policies import InfoKV, KVzip, SnapKV  # noqa: E402
 from kv_compression.runtime import CompressedCache, compressing  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,7 +105,7 @@ def main() -> None:
             model(prompt, past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
 
     def compressed_prefill(policy):
-        cache = CompressedCache(model, policy, budget)
+        cache = CompressedCache(model, policy, budget, tokenizer=tokenizer)
         with compressing(model, cache), torch.no_grad():
             model(prompt, past_key_values=cache, logits_to_keep=1)
             cache.maybe_compress()
@@ -112,8 +113,10 @@ def main() -> None:
 
     infokv_overhead, infokv_time, plain_time = paired_ratio(lambda: compressed_prefill(InfoKV()), plain_prefill, pairs)
     snapkv_overhead, snapkv_time, _ = paired_ratio(lambda: compressed_prefill(SnapKV()), plain_prefill, pairs)
+    kvzip_overhead, kvzip_time, _ = paired_ratio(lambda: compressed_prefill(KVzip()), plain_prefill, pairs)
     print(
-        f"prefill of 2048 tokens: plain {plain_time:.2f} s, InfoKV {infokv_time:.2f} s, SnapKV {snapkv_time:.2f} s",
+        f"prefill of 2048 tokens: plain {plain_time:.2f} s, InfoKV {infokv_time:.2f} s, SnapKV {snapkv_time:.2f} s, "
+        f"KVzip {kvzip_time:.2f} s",
         file=sys.stderr,
     )
 
@@ -167,7 +170,7 @@ def main() -> None:
     )
     print(
         f"infokv_prefill_overhead={infokv_overhead:.2f} snapkv_prefill_overhead={snapkv_overhead:.2f} "
-        f"cache_bytes_ratio={bytes_ratio:.3f} decode_speed_ratio={speed_ratio:.2f} peak_entropy_mem_mb={peak:.0f}"
+        f"kvzip_prefill_overhead={kvzip_overhead:.2f} cache_bytes_ratio={bytes_ratio:.3f} decode_speed_ratio={speed_ratio:.2f} peak_entropy_mem_mb={peak:.0f}"
     )
 
 
