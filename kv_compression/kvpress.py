@@ -120,7 +120,9 @@ def press(name: str, compression_ratio: float = 0.0, model: str | None = None) -
 
 
 SCORING_RATIO = 1e-6  # a compression ratio that evicts nothing yet makes a press score every token
-SUPPORTED = "ScorerPress presses (a score per token, e.g. SnapKVPress) and scoring wrappers (CriticalKVPress:press=NAME)"
+SUPPORTED = (
+    "ScorerPress presses (a score per token, e.g. SnapKVPress) and scoring wrappers (CriticalKVPress:press=NAME)"
+)
 
 
 def refusal(name: str) -> str | None:

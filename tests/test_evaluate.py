@@ -157,3 +157,22 @@ def test_a_decoding_task_holds_its_prompt_and_its_new_tokens():
     packaged = next(iter(packaged_references("smollm2-135m-instruct").values()))["settings"]["new_tokens"]
     assert LongDecode().capacity(item, "smollm2-135m-instruct") == 10 + packaged
     assert LongDecode(new_tokens=64).capacity(item, "a-model-without-references") == 10 + 64
+
+
+def test_merged_sweeps_equal_one_sweep_of_every_policy(tmp_path):
+    from analyses.merge import merge
+
+    loaded = tiny_model("llama")
+    for folder, policies in (("a", ["snapkv"]), ("b", ["random", "h2o"]), ("both", ["snapkv", "random", "h2o"])):
+        evaluate(loaded, [SmallFidelity()], policies, ["0.25", "0.5"], 2, tmp_path / folder)
+    summary = merge([tmp_path / "a", tmp_path / "b"], tmp_path / "merged", model="tiny-llama")
+    keys = ["policy", "budget"]
+    for name in ("results.csv", "summary.csv"):
+        merged = pd.read_csv(tmp_path / "merged" / name).sort_values([*keys, "item"] if name == "results.csv" else keys)
+        one = pd.read_csv(tmp_path / "both" / name).sort_values([*keys, "item"] if name == "results.csv" else keys)
+        pd.testing.assert_frame_equal(merged.reset_index(drop=True), one.reset_index(drop=True))
+    assert summary == tmp_path / "merged" / "summary.csv" and (tmp_path / "merged" / "fidelity.png").is_file()
+    with pytest.raises(InputError, match="policy 'snapkv' at budget 0.25 is in more than one sweep"):
+        merge([tmp_path / "a", tmp_path / "both"], tmp_path / "twice")
+    with pytest.raises(InputError, match="no results.csv"):
+        merge([tmp_path / "a", tmp_path / "nowhere"], tmp_path / "missing")
