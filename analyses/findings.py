@@ -32,7 +32,20 @@ MAIN_METRIC = {
     "reasoning": ("prefix_agreement", "higher"),
     "long-decode": ("kl", "lower"),
 }
-BASELINES = ("snapkv", "h2o", "tova", "pyramidkv", "rkv", "expected-attention", "rpc", "streaming", "knorm")
+BASELINES = (
+    "snapkv",
+    "h2o",
+    "tova",
+    "pyramidkv",
+    "rkv",
+    "expected-attention",
+    "rpc",
+    "streaming",
+    "knorm",
+    "kvzip",
+    "keydiff",
+    "criticalkv",
+)
 OURS = ("infokv", "infokv-calibrated", "learned")
 BY_POSITION = {"long-decode": re.compile(r"kl_(\d+)_\d+")}  # the main metric per bucket of generated positions
 
