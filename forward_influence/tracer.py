@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .errors import InputError
 from .eviction import AttentionLayout
-from .models import LoadedModel
+from .models import LoadedModel, cache_argument
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Tracer:
         input_ids = input_ids.to(self.device)
         if cache is None and use_cache:
             cache = DynamicCache()  # full layers only: sliding windows live in the masks
-        kwargs = dict(past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+        kwargs = dict(**cache_argument(cache), use_cache=cache is not None, logits_to_keep=1)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids.to(self.device)
         if masks is not None:

@@ -27,7 +27,7 @@ from transformers import AttentionInterface, DynamicCache
 from .errors import InputError
 from .eviction import EvictionSpec, build_masks
 from .logits import logits_of
-from .models import attention_implementation
+from .models import attention_implementation, cache_argument
 from .tracer import Tracer, expand_cache
 
 TOLERANCE = 1e-3
@@ -63,7 +63,7 @@ def physical_logits(tracer: Tracer, ids: torch.Tensor, spec: EvictionSpec) -> to
     try:
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            model(ids[None, : t + 1].to(tracer.device), past_key_values=cache, use_cache=True)
+            model(ids[None, : t + 1].to(tracer.device), **cache_argument(cache), use_cache=True)
             _KEPT_PER_HEAD.clear()
             for layer in layers:
                 if tracer.layout.windows[layer] is not None:
@@ -84,7 +84,7 @@ def physical_logits(tracer: Tracer, ids: torch.Tensor, spec: EvictionSpec) -> to
                     out = model(
                         ids[None, position : position + 1].to(tracer.device),
                         position_ids=torch.tensor([[position]], device=tracer.device),
-                        past_key_values=cache,
+                        **cache_argument(cache),
                         use_cache=True,
                     )
                     logits.append(out.logits[0, -1].float())

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from forward_influence.models import attention_implementation
+from forward_influence.models import attention_implementation, cache_argument
 from forward_influence.reconstruction import (
     Reconstruction,
     ReconstructionPrompt,
@@ -121,5 +121,5 @@ def reconstruction_scores(
         held.frozen = True
         positions = torch.arange(cache.seen, cache.seen + len(ids), device=model.device)[None]
         with _installed(model, _Pass(held, spec, start, end, scores)), torch.no_grad():
-            decoder(torch.tensor([ids], device=model.device), position_ids=positions, past_key_values=held)
+            decoder(torch.tensor([ids], device=model.device), position_ids=positions, **cache_argument(held))
     return [scores.get(layer) for layer in range(cache.num_layers)]

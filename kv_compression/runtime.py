@@ -41,7 +41,7 @@ from forward_influence.defaults import QUERY_WINDOW
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec, evictions
 from forward_influence.logits import logits_of, topk_entropies
-from forward_influence.models import attention_implementation
+from forward_influence.models import attention_implementation, cache_argument
 from forward_influence.observation import LayerObservation, Observation, lens_entropies, rotary_frequencies
 from forward_influence.reconstruction import Reconstruction, reconstruction_prompt
 from forward_influence.signals import distance_to_final, representation_change
@@ -375,7 +375,7 @@ def held(model: PreTrainedModel, token_ids: Sequence[int], policy: Policy, token
     ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=model.device)[None]
     cache = CompressedCache(model, policy, Budget(ids.shape[1], "count"), tokenizer=tokenizer)
     with compressing(model, cache), torch.no_grad():
-        model.get_decoder()(ids, past_key_values=cache)
+        model.get_decoder()(ids, **cache_argument(cache))
     cache.frozen = True
     return cache
 
@@ -453,7 +453,7 @@ def generate(
         output = model.generate(
             input_ids.to(model.device),
             attention_mask=torch.ones_like(input_ids, device=model.device),
-            past_key_values=cache,
+            **cache_argument(cache),
             max_new_tokens=max_new_tokens,
             min_new_tokens=generate_kwargs.pop("min_new_tokens", 0),
             **generate_kwargs,
@@ -481,7 +481,7 @@ def _feed(
         size = min([end - start, max(room, 1), *(p - start for p in stops if p > start)])
         positions = torch.arange(cache.seen, cache.seen + size, device=device)[None]
         states.append(
-            decoder(ids[:, start : start + size], position_ids=positions, past_key_values=cache).last_hidden_state[0]
+            decoder(ids[:, start : start + size], position_ids=positions, **cache_argument(cache)).last_hidden_state[0]
         )
         start += size
         if start in stops:
@@ -514,7 +514,7 @@ def teacher_forced(
     cache = CompressedCache(model, policy, budget, buffer=buffer, tokenizer=tokenizer)
     decoder, device = model.get_decoder(), model.device
     with compressing(model, cache), torch.no_grad():
-        first = decoder(prompt_ids.to(device), past_key_values=cache).last_hidden_state[0, -1:]
+        first = decoder(prompt_ids.to(device), **cache_argument(cache)).last_hidden_state[0, -1:]
         # The last token predicts nothing in the continuation.
         states, snapshots = _feed(decoder, cache, continuation_ids[:, :-1].to(device), stops)
     return torch.cat([first, *states]).float(), cache, snapshots
@@ -549,6 +549,6 @@ def greedy_continuation(model: PreTrainedModel, cache: CompressedCache, state: t
             tokens.append(token)
             position = torch.tensor([[cache.seen]], device=model.device)
             state = decoder(
-                torch.tensor([[token]], device=model.device), position_ids=position, past_key_values=cache
+                torch.tensor([[token]], device=model.device), position_ids=position, **cache_argument(cache)
             ).last_hidden_state[0, -1]
     return tokens

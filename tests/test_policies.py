@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from forward_influence.errors import InputError
 from forward_influence.eviction import build_masks
 from forward_influence.logits import logits_of
-from forward_influence.models import attention_implementation
+from forward_influence.models import attention_implementation, cache_argument
 from forward_influence.observation import LayerObservation, Observation, observe
 from forward_influence.tracer import Tracer, expand_cache
 from kv_compression.budget import Budget, eviction_specs, kept_indices
@@ -240,7 +240,7 @@ def test_kept_set_gathered_per_head_equals_the_tracers_masked_replay(llama, ids,
     # Physical: gather each KV head's kept entries from the prefill cache, then decode with original positions.
     cache = DynamicCache()
     with torch.no_grad():
-        llama.model(ids[None, : t + 1], past_key_values=cache, use_cache=True)
+        llama.model(ids[None, : t + 1], **cache_argument(cache), use_cache=True)
         for layer, index in zip(cache.layers, kept):
             gather = index[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
             layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
@@ -249,7 +249,7 @@ def test_kept_set_gathered_per_head_equals_the_tracers_masked_replay(llama, ids,
             out = llama.model(
                 ids[None, position : position + 1],
                 position_ids=torch.tensor([[position]]),
-                past_key_values=cache,
+                **cache_argument(cache),
                 use_cache=True,
             )
             physical.append(out.logits[0, -1])

@@ -8,6 +8,7 @@ import torch
 from forward_influence.errors import InputError
 from forward_influence.eviction import build_masks
 from forward_influence.logits import logits_of
+from forward_influence.models import cache_argument
 from forward_influence.tracer import Tracer, expand_cache
 from kv_compression.budget import Budget, kept_indices
 from kv_compression.offline import observation
@@ -148,11 +149,11 @@ def test_sampling_and_a_plain_loop_work_and_keep_original_positions():
     cache = CompressedCache(loaded.model, SnapKV(window=4), Budget.parse("10"), buffer=3)
     ids = prompt[None]
     with compressing(loaded.model, cache), torch.no_grad():
-        logits = loaded.model(ids, past_key_values=cache).logits
+        logits = loaded.model(ids, **cache_argument(cache)).logits
         for step in range(5):
             token = logits[:, -1:].argmax(-1)
             position = torch.tensor([[30 + step]])
-            logits = loaded.model(token, position_ids=position, past_key_values=cache).logits
+            logits = loaded.model(token, position_ids=position, **cache_argument(cache)).logits
             ids = torch.cat([ids, token], dim=1)
     assert cache.seen == 35 and [event.time for event in cache.compressions] == [29, 32]
     assert loaded.model.config._attn_implementation == "sdpa"  # restored after the block
@@ -212,10 +213,10 @@ def test_teacher_forcing_in_blocks_equals_decoding_one_token_at_a_time(kind, bud
     step = CompressedCache(loaded.model, policy, parsed, buffer=6)
     logits = []
     with compressing(loaded.model, step), torch.no_grad():
-        logits.append(loaded.model(prompt[None], past_key_values=step, logits_to_keep=1).logits[0, -1])
+        logits.append(loaded.model(prompt[None], **cache_argument(step), logits_to_keep=1).logits[0, -1])
         for i in range(39):
             out = loaded.model(
-                continuation[None, i : i + 1], position_ids=torch.tensor([[20 + i]]), past_key_values=step
+                continuation[None, i : i + 1], position_ids=torch.tensor([[20 + i]]), **cache_argument(step)
             )
             logits.append(out.logits[0, -1])
     assert [e.time for e in blocks.compressions] == [e.time for e in step.compressions] and len(step.compressions) >= 5
@@ -244,14 +245,14 @@ def test_greedy_continuation_after_teacher_forcing_equals_decoding_one_token_at_
     )
     step, expected = CompressedCache(loaded.model, policy, budget, buffer=6), []
     with compressing(loaded.model, step), torch.no_grad():
-        logits = loaded.model(prompt[None], past_key_values=step).logits[0, -1]
+        logits = loaded.model(prompt[None], **cache_argument(step)).logits[0, -1]
         fed = continuation[:9].tolist()
         for position in range(20, 20 + 9 + 8):
             token = fed[position - 20] if position < 29 else int(logits.argmax())
             if position >= 29:
                 expected.append(token)
             logits = loaded.model(
-                torch.tensor([[token]]), position_ids=torch.tensor([[position]]), past_key_values=step
+                torch.tensor([[token]]), position_ids=torch.tensor([[position]]), **cache_argument(step)
             ).logits[0, -1]
     assert tokens[0] == int(logits_of(loaded.model, states[-1]).argmax())
     assert tokens == expected[:8] and len(step.compressions) == len(cache.compressions) >= 3

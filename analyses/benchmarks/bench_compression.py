@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from forward_influence import corpus  # noqa: E402
 from forward_influence.logits import DEFAULT_CHUNK, topk_entropy  # noqa: E402
-from forward_influence.models import load_model  # noqa: E402
+from forward_influence.models import cache_argument, load_model  # noqa: E402
 from forward_influence.traces import read_traces  # noqa: E402
 from kv_compression.budget import Budget  # noqa: E402
 from kv_compression.policies import InfoKV, KVzip, SnapKV  # noqa: E402
@@ -102,12 +102,12 @@ def main() -> None:
 
     def plain_prefill():
         with torch.no_grad():
-            model(prompt, past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
+            model(prompt, **cache_argument(DynamicCache(config=model.config)), logits_to_keep=1)
 
     def compressed_prefill(policy):
         cache = CompressedCache(model, policy, budget, tokenizer=tokenizer)
         with compressing(model, cache), torch.no_grad():
-            model(prompt, past_key_values=cache, logits_to_keep=1)
+            model(prompt, **cache_argument(cache), logits_to_keep=1)
             cache.maybe_compress()
         return cache
 
@@ -135,14 +135,14 @@ def main() -> None:
             cache = CompressedCache(model, InfoKV(), policy_budget)
             hooks = compressing(model, cache)
         with torch.no_grad(), hooks:
-            logits = model(long_prompt[None], past_key_values=cache, logits_to_keep=1).logits
+            logits = model(long_prompt[None], **cache_argument(cache), logits_to_keep=1).logits
             token = logits[:, -1:].argmax(-1)
             if policy_budget is not None:
                 cache.maybe_compress()
             start = time.perf_counter()
             for step in range(new):
                 position = torch.tensor([[context + step]])
-                logits = model(token, position_ids=position, past_key_values=cache).logits
+                logits = model(token, position_ids=position, **cache_argument(cache)).logits
                 token = logits[:, -1:].argmax(-1)
             return new / (time.perf_counter() - start)
 

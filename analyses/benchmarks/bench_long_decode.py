@@ -30,7 +30,7 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from forward_influence.logits import logits_of  # noqa: E402
-from forward_influence.models import load_model  # noqa: E402
+from forward_influence.models import cache_argument, load_model  # noqa: E402
 from kv_compression.budget import Budget  # noqa: E402
 from kv_compression.policies import InfoKV  # noqa: E402
 from kv_compression.runtime import CompressedCache, compressing, teacher_forced  # noqa: E402
@@ -46,11 +46,11 @@ def step_by_step(model, prompt: torch.Tensor, continuation: torch.Tensor, policy
     cache = CompressedCache(model, policy, budget, buffer=buffer)
     logits = []
     with compressing(model, cache), torch.no_grad():
-        logits.append(model(prompt[None], past_key_values=cache, logits_to_keep=1).logits[0, -1])
+        logits.append(model(prompt[None], **cache_argument(cache), logits_to_keep=1).logits[0, -1])
         for i in range(continuation.shape[0] - 1):
             position = torch.tensor([[prompt.shape[0] + i]])
             logits.append(
-                model(continuation[None, i : i + 1], position_ids=position, past_key_values=cache).logits[0, -1]
+                model(continuation[None, i : i + 1], position_ids=position, **cache_argument(cache)).logits[0, -1]
             )
     return torch.stack(logits), cache
 
@@ -64,13 +64,13 @@ def decode(
     context = compressing(model, cache) if compressed else torch.no_grad()
     out, peak, started = {}, 0, None
     with context, torch.no_grad():
-        logits = model(prompt[None], past_key_values=cache, logits_to_keep=1).logits
+        logits = model(prompt[None], **cache_argument(cache), logits_to_keep=1).logits
         for step in range(1, steps + 1):
             if any(step == c - 256 for c in checkpoints):
                 started = time.perf_counter()
             token = logits[:, -1:].argmax(-1)
             position = torch.tensor([[prompt.shape[0] + step - 1]])
-            logits = model(token, position_ids=position, past_key_values=cache).logits
+            logits = model(token, position_ids=position, **cache_argument(cache)).logits
             held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
             peak = max(peak, held)
             if step in checkpoints:

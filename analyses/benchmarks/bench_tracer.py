@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from forward_influence import corpus  # noqa: E402
 from forward_influence.eviction import EvictionSpec, build_masks  # noqa: E402
 from forward_influence.influence import clean_run  # noqa: E402
-from forward_influence.models import attention_implementation, load_model  # noqa: E402
+from forward_influence.models import attention_implementation, cache_argument, load_model  # noqa: E402
 from forward_influence.scan import naive_token_kl, scan_divergence  # noqa: E402
 from forward_influence.signals import token_signals  # noqa: E402
 from forward_influence.tracer import Tracer, expand_cache  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
 
     def plain_pass():
         with torch.no_grad():
-            model.model(input_ids, position_ids=queries, past_key_values=expand_cache(clean.cache, n_cached, BATCH))
+            model.model(input_ids, position_ids=queries, **cache_argument(expand_cache(clean.cache, n_cached, BATCH)))
 
     floor_ratio, traced_time, plain_time = paired_ratio(traced_pass, plain_pass, pairs)
     print(
