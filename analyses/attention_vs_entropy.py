@@ -29,8 +29,9 @@ from matplotlib import pyplot as plt
 from scipy import stats
 
 from forward_influence.defaults import SINKS
-from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import write_table
+from forward_influence.sources import DEFAULT_MODEL
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace

@@ -27,8 +27,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from forward_influence.models import DEFAULT_MODEL, LoadedModel
+from forward_influence.models import LoadedModel
 from forward_influence.outputs import atomic_open
+from forward_influence.sources import DEFAULT_MODEL
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget
 from kv_compression.policies import InfoKV

@@ -42,10 +42,11 @@ from forward_influence.defaults import SINKS
 from forward_influence.errors import InputError
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
-from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.selection import select_top
 from forward_influence.signals import token_signals
+from forward_influence.sources import DEFAULT_MODEL
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace, read_traces

@@ -39,9 +39,10 @@ from scipy import stats
 from forward_influence.defaults import GRADIENT_SAMPLES
 from forward_influence.gradient import gradient_influence
 from forward_influence.influence import clean_run
-from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.scan import fi_summary
+from forward_influence.sources import DEFAULT_MODEL
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace

@@ -35,12 +35,14 @@ from scipy import stats
 
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
-from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import write_table
+from forward_influence.sources import DEFAULT_MODEL
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
-from kv_compression.budget import Budget, kept_indices
+from kv_compression.budget import Budget
+from kv_compression.kept import kept_indices
 from kv_compression.offline import observation
 from kv_compression.policies import Oracle
 

@@ -35,7 +35,8 @@ from forward_influence.scan import scan
 from forward_influence.signals import token_signals
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
-from kv_compression.budget import Budget, token_view
+from kv_compression.budget import Budget
+from kv_compression.kept import token_view
 from kv_compression.names import PER_MODEL, parse, policy_names
 from kv_compression.offline import observation
 

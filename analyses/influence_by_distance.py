@@ -32,10 +32,11 @@ from scipy import stats
 
 from forward_influence.defaults import WINDOW
 from forward_influence.measure import BANDS, InfluenceSettings, influence_by_distance, summarize
-from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.scan import scan
 from forward_influence.selection import select_top
+from forward_influence.sources import DEFAULT_MODEL
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace

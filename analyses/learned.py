@@ -47,13 +47,14 @@ from tqdm.auto import tqdm
 
 from forward_influence.defaults import FAR_FROM, WINDOW
 from forward_influence.influence import clean_run
-from forward_influence.models import DEFAULT_MODEL, LoadedModel, load_model
+from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import atomic_open, write_table
 from forward_influence.scan import scan_at
+from forward_influence.sources import DEFAULT_MODEL
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
-from kv_compression.budget import layer_scores
+from kv_compression.kept import layer_scores
 from kv_compression.names import parse
 from kv_compression.offline import observation
 from kv_compression.policies import Learned

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from forward_influence.errors import InputError
-from forward_influence.models import DEFAULT_MODEL
 from forward_influence.outputs import write_table
+from forward_influence.sources import DEFAULT_MODEL
 
 from .evaluate import plot_task, summarize
 from .tasks import registry

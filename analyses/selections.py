@@ -26,7 +26,8 @@ from forward_influence.errors import InputError
 from forward_influence.selection import select_top
 from forward_influence.signals import TokenSignals, token_signals
 from forward_influence.tracer import Tracer
-from kv_compression.budget import Budget, layer_scores
+from kv_compression.budget import Budget
+from kv_compression.kept import layer_scores
 from kv_compression.names import parse
 from kv_compression.offline import observation
 from kv_compression.policies import Policy

@@ -53,7 +53,8 @@ from forward_influence.outputs import atomic_path, write_table
 from forward_influence.signals import token_signals
 from forward_influence.stats import student_t_ci
 from forward_influence.tracer import Tracer
-from kv_compression.budget import Budget, kept_masks
+from kv_compression.budget import Budget
+from kv_compression.kept import kept_masks
 from kv_compression.offline import observation
 from kv_compression.policies import H2O, InfoKV, Optimal
 

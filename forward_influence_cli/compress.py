@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from forward_influence.errors import InputError
-from kv_compression.runtime import BUFFER
+from kv_compression.budget import BUFFER
 
 from . import options
 from .options import add_model, positive_int
@@ -20,7 +20,12 @@ EXAMPLES = {
 def add(command) -> None:
     p = command("generate", "generate with a compressed KV cache; the last line reports the cache sizes")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (chat-formatted when the model has a template)")
-    p.add_argument("--trace", default=None, help="use a trace's tokens as the prompt instead (essay:NAME, a file, -)")
+    p.add_argument(
+        "--trace",
+        type=options.trace_spec,
+        default=None,
+        help="use a trace's tokens as the prompt instead (essay:NAME, a file, -)",
+    )
     p.add_argument("--max-tokens", type=positive_int, default=None, help="keep the first N tokens of --trace")
     add_model(p)
     p.add_argument(
@@ -61,8 +66,6 @@ def generate(args: argparse.Namespace) -> None:
 
     if (args.prompt is None) == (args.trace is None):
         raise InputError("give either a PROMPT or --trace FILE")
-    if args.trace is not None:
-        options.check_trace(args.trace)
     policy = parse(args.policy, args.model)
     if not policy.online:
         raise InputError(f"--policy {policy.name} scores from a measured trace only; generate cannot use it")

@@ -7,8 +7,6 @@ import datetime
 import shutil
 from pathlib import Path
 
-import pandas as pd
-
 from forward_influence.errors import InputError
 
 from . import options, outputs
@@ -74,6 +72,8 @@ def add(command) -> None:
 
 
 def compare(args: argparse.Namespace) -> None:
+    import pandas as pd
+
     from analyses.compare import compare as run_compare
     from analyses.compare import display_table
 

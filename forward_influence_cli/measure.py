@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from forward_influence.defaults import GRADIENT_SAMPLES, SCAN_METHODS, SINKS, TOP_K, WINDOW
 from forward_influence.errors import InputError
-from forward_influence.stats import parse_edges
 
 from . import options, outputs
 from .options import add_model, add_out, add_trace, fraction, non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EXAMPLES = {
     "score": "forward-influence score essay:gap --max-tokens 256 --out gap.csv",
@@ -24,6 +25,8 @@ EXAMPLES = {
 
 @options.checked
 def _edges(text: str) -> tuple[int, ...]:
+    from forward_influence.stats import parse_edges
+
     return parse_edges(text)
 
 
@@ -132,7 +135,9 @@ def add(command) -> None:
 
 def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
     """score_/keep_share_/kept_ columns of each policy for one trace (see `score --help`)."""
-    from kv_compression.budget import token_view
+    import pandas as pd
+
+    from kv_compression.kept import token_view
     from kv_compression.offline import observation
 
     obs = observation(tracer, token_ids, policies)
@@ -147,6 +152,8 @@ def _policy_columns(tracer, token_ids, policies, budget) -> pd.DataFrame:
 
 def score(args: argparse.Namespace) -> None:
     from dataclasses import replace
+
+    import pandas as pd
 
     from forward_influence.signals import token_signals
     from kv_compression.names import parse
@@ -208,6 +215,8 @@ def influence(args: argparse.Namespace) -> None:
 
 def scan(args: argparse.Namespace) -> None:
     import sys
+
+    import pandas as pd
 
     from forward_influence.scan import common_time
     from forward_influence.scan import scan as scan_trace

@@ -3,7 +3,9 @@
 Every value with a rule is an argparse type, so the rule lives in one place and a bad value fails at
 parsing, before any model loads, with one line naming the option: budgets, positive counts,
 fractions, policy names (with ``:field=value`` settings), devices. Output paths are checked by
-`forward_influence_cli.outputs`.
+`forward_influence_cli.outputs`. This module imports nothing heavy at the top: building the parser,
+``--help`` and the checks that need no model stay well under a second; a check that needs torch
+(a policy's fields, a CUDA device) imports it when it runs.
 """
 
 from __future__ import annotations
@@ -12,14 +14,11 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from analyses.documents import parse_shard
 from forward_influence.defaults import SINKS
 from forward_influence.errors import InputError
-from forward_influence.measure import check_time
-from forward_influence.models import DEFAULT_MODEL, DTYPES, check_device, check_source
+from forward_influence.sources import DEFAULT_MODEL, DTYPE_NAMES, check_device, check_source
 from forward_influence.traces import check_spec
 from kv_compression.budget import Budget
-from kv_compression.names import PER_MODEL, parse, policy_names
 
 
 class Parser(argparse.ArgumentParser):
@@ -157,6 +156,8 @@ def index_list(text: str) -> tuple[int, ...]:
 
 
 def _check_policy(spec: str) -> str:
+    from kv_compression.names import PER_MODEL, parse, policy_names
+
     name = spec.split(":")[0].strip()
     if name not in policy_names():
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(policy_names())}")
@@ -170,6 +171,8 @@ policy = checked(_check_policy)
 
 @checked
 def policy_list(text: str) -> list[str]:
+    from kv_compression.names import policy_names
+
     specs = names(text)
     unknown = [s.split(":")[0] for s in specs if s.split(":")[0].strip() not in policy_names()]
     if unknown or not specs:
@@ -177,7 +180,11 @@ def policy_list(text: str) -> list[str]:
     return once([_check_policy(spec) for spec in specs], "policy")
 
 
-shard = checked(parse_shard)
+@checked
+def shard(text: str) -> tuple[int, int]:
+    from analyses.documents import parse_shard
+
+    return parse_shard(text)
 
 
 @checked
@@ -199,12 +206,25 @@ def add_model(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"model name, .gguf path, folder or hub id (default {DEFAULT_MODEL})",
     )
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations (default float32)")
+    p.add_argument(
+        "--dtype", default="float32", choices=list(DTYPE_NAMES), help="weights and activations (default float32)"
+    )
     p.add_argument("--device", default="cpu", type=device, help="torch device: cpu, cuda, cuda:N, mps (default cpu)")
 
 
+@checked
+def trace_spec(text: str) -> str:
+    """A trace the tokenizer would accept, checked at parsing, before anything loads (`check_spec`)."""
+    check_spec(text)
+    return text
+
+
 def add_trace(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="essay:NAME (patterns allowed, e.g. 'essay:*'), a .txt or .jsonl file, or - for stdin")
+    p.add_argument(
+        "trace",
+        type=trace_spec,
+        help="essay:NAME (patterns allowed, e.g. 'essay:*'), a .txt or .jsonl file, or - for stdin",
+    )
     p.add_argument(
         "--max-tokens", type=positive_int, default=None, help="keep the first N tokens of each trace (default: all)"
     )
@@ -218,13 +238,10 @@ def add_out(p: argparse.ArgumentParser, formats: bool = True) -> None:
         )
 
 
-def check_trace(spec: str) -> None:
-    """Fail fast, before the model loads, on a trace the tokenizer would never accept."""
-    check_spec(spec)
-
-
 def check_evict_at(evict_at: int | None, sinks: int = SINKS) -> None:
     """The part of the eviction-time rule that needs no trace (`forward_influence.measure.check_time`)."""
+    from forward_influence.measure import check_time
+
     if evict_at is not None:
         check_time(evict_at, sinks)
 
@@ -250,7 +267,6 @@ def tracer_and_traces(args: argparse.Namespace):
     from forward_influence.tracer import Tracer
     from forward_influence.traces import check_context, check_text, read_stdin, read_traces
 
-    check_trace(args.trace)
     stdin_text = None
     if args.trace == "-":  # read and checked before the model loads: stdin can be read only once
         stdin_text = read_stdin()

@@ -7,10 +7,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from forward_influence.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
@@ -97,6 +99,8 @@ def check_distinct(args: argparse.Namespace) -> None:
 
 def emit(frame: pd.DataFrame, args: argparse.Namespace) -> None:
     """A table to ``--out`` (the path printed last) or to stdout in ``--format``."""
+    import pandas as pd
+
     from forward_influence.outputs import write_table
 
     if args.out is not None:

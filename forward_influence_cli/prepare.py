@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from . import options, outputs
 from .options import add_model, positive_int
 
@@ -33,7 +31,9 @@ def add(command) -> None:
 
     p = command("verify", "check masked eviction == physical eviction on a model (exit 0 when within 1e-3)")
     add_model(p)
-    p.add_argument("--trace", dest="trace", default="essay:gap", help="trace to verify on (default essay:gap)")
+    p.add_argument(
+        "--trace", type=options.trace_spec, default="essay:gap", help="trace to verify on (default essay:gap)"
+    )
     p.add_argument(
         "--max-tokens",
         type=positive_int,
@@ -64,6 +64,7 @@ def trace(args: argparse.Namespace) -> None:
 
 
 def verify(args: argparse.Namespace) -> int:
+    import pandas as pd
     import torch
 
     from forward_influence.tracer import Tracer
@@ -71,7 +72,6 @@ def verify(args: argparse.Namespace) -> int:
     from forward_influence.verify import TOLERANCE, TOLERANCES
     from forward_influence.verify import verify as check
 
-    options.check_trace(args.trace)
     loaded = options.loaded_model(args)
     tracer = Tracer(loaded)
     windows = [w for w in tracer.layout.windows if w is not None]

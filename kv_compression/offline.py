@@ -22,7 +22,8 @@ from forward_influence.observation import Observation, Reads, observe
 from forward_influence.set_optimum import SetOptimum, SetSearch, initial_theta, optimise_gates
 from forward_influence.tracer import Tracer
 
-from .budget import Budget, layer_scores
+from .budget import Budget
+from .kept import layer_scores
 from .policies import POLICIES, Policy
 from .policies.optimal import UNIFORM
 from .runtime import held

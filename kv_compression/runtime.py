@@ -46,11 +46,11 @@ from forward_influence.observation import LayerObservation, Observation, lens_en
 from forward_influence.reconstruction import Reconstruction, reconstruction_prompt
 from forward_influence.signals import distance_to_final, representation_change
 
-from .budget import Budget, layer_scores, top_indices
+from .budget import BUFFER, Budget
+from .kept import layer_scores, top_indices
 from .policies import Policy
 from .reconstruction_pass import reconstruction_scores
 
-BUFFER = 128
 SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.9)
 _NAME = "kv_compression_{}"
 _RECORDER = "_kv_compression_cache"

@@ -243,6 +243,9 @@ def test_policies_lists_every_policy(capsys):
         "rkv",
         "expected-attention",
         "rpc",
+        "kvzip",
+        "keydiff",
+        "criticalkv",
         "random",
         "entropy",
         "evolution",
@@ -281,3 +284,20 @@ def test_bad_generation_input_is_one_line_and_exit_code_2(capsys, argv, message)
     # A check that needs the tokenizer comes after the model's loading progress on stderr.
     last = stderr.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and message in last and "Traceback" not in stderr
+
+
+def test_help_and_checks_that_need_no_model_import_nothing_heavy():
+    """--help and a refused trace answer without torch, transformers or pandas (see the README's timing)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from forward_influence_cli.main import main\n"
+        "assert main(['score', 'missing.txt']) == 2\n"
+        "heavy = [m for m in ('torch', 'transformers', 'pandas', 'scipy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "error: argument trace: no such trace file: missing.txt"

@@ -14,7 +14,8 @@ from forward_influence.influence import clean_run, evict
 from forward_influence.signals import token_signals
 from forward_influence.tracer import Tracer
 from forward_influence.verify import TOLERANCES, verify
-from kv_compression.budget import Budget, kept_indices
+from kv_compression.budget import Budget
+from kv_compression.kept import kept_indices
 from kv_compression.offline import observation
 from kv_compression.policies import InfoKV, SnapKV
 from kv_compression.runtime import generate, replay_specs

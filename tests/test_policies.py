@@ -12,7 +12,8 @@ from forward_influence.logits import logits_of
 from forward_influence.models import attention_implementation, cache_argument
 from forward_influence.observation import LayerObservation, Observation, observe
 from forward_influence.tracer import Tracer, expand_cache
-from kv_compression.budget import Budget, eviction_specs, kept_indices
+from kv_compression.budget import Budget
+from kv_compression.kept import eviction_specs, kept_indices
 from kv_compression.offline import observation, reads
 from kv_compression.policies import H2O, POLICIES, RKV, TOVA, InfoKV, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kv_compression.policies.infokv import normalise
@@ -268,7 +269,7 @@ def test_kept_set_gathered_per_head_equals_the_tracers_masked_replay(llama, ids,
 
 
 def test_per_head_allocation_pools_the_layer_budget_with_a_floor(obs):
-    from kv_compression.budget import kept_masks
+    from kv_compression.kept import kept_masks
 
     masks = kept_masks(SnapKV(window=4), obs, Budget.parse("10", head_floor=0.5))
     uniform = kept_masks(SnapKV(window=4), obs, Budget.parse("10"))

@@ -10,7 +10,8 @@ from forward_influence.eviction import build_masks
 from forward_influence.logits import logits_of
 from forward_influence.models import cache_argument
 from forward_influence.tracer import Tracer, expand_cache
-from kv_compression.budget import Budget, kept_indices
+from kv_compression.budget import Budget
+from kv_compression.kept import kept_indices
 from kv_compression.offline import observation
 from kv_compression.policies import ExpectedAttention, InfoKV, SnapKV
 from kv_compression.runtime import (

@@ -22,7 +22,8 @@ from forward_influence.scan import fi_summary, scan_at
 from forward_influence.set_optimum import SetSearch, hard_keep, initial_theta, optimise_gates
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
-from kv_compression.budget import Budget, eviction_specs, kept_indices
+from kv_compression.budget import Budget
+from kv_compression.kept import eviction_specs, kept_indices
 from kv_compression.offline import observation
 from kv_compression.policies import H2O, Optimal
 

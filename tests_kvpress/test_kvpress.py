@@ -10,7 +10,8 @@ from transformers import DynamicCache, pipeline
 
 from forward_influence.traces import read_traces
 from forward_influence_cli.main import main
-from kv_compression.budget import Budget, layer_scores, top_indices
+from kv_compression.budget import Budget
+from kv_compression.kept import layer_scores, top_indices
 from kv_compression.kvpress import PolicyPress, kept_positions, press
 from kv_compression.offline import observation
 from kv_compression.policies import TOVA, CriticalKV, InfoKV, KeyDiff, Knorm, SnapKV, StreamingLLM
@@ -165,7 +166,7 @@ def test_criticalkv_measured_through_kvpress_keeps_what_the_native_policy_keeps(
     """The press runs at each budget's own ratio: its first stage depends on the budget (Knorm inside, the
     same rule on both sides)."""
     from forward_influence.tracer import Tracer
-    from kv_compression.budget import kept_indices
+    from kv_compression.kept import kept_indices
     from kv_compression.names import parse
 
     theirs, ours = parse("kvpress:CriticalKVPress:press=KnormPress"), CriticalKV(inner="knorm")

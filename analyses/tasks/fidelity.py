@@ -32,7 +32,8 @@ from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
 from forward_influence.observation import Observation
 from forward_influence.tracer import Tracer
-from kv_compression.budget import Budget, eviction_specs, kept_indices, layer_scores
+from kv_compression.budget import Budget
+from kv_compression.kept import eviction_specs, kept_indices, layer_scores
 from kv_compression.offline import observation
 from kv_compression.policies import Policy
 

@@ -55,9 +55,9 @@ from forward_influence.models import LoadedModel, pad_token_id
 from forward_influence.outputs import atomic_open, data_home
 from forward_influence.tracer import Tracer
 from forward_influence.traces import chat_ids, read_traces
-from kv_compression.budget import Budget
+from kv_compression.budget import BUFFER, Budget
 from kv_compression.policies import Policy
-from kv_compression.runtime import BUFFER, greedy_agreement, teacher_forced
+from kv_compression.runtime import greedy_agreement, teacher_forced
 
 from ..plotting import distinct_palette, save_figure, theme
 from . import Item, PerSetting

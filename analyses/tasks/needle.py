@@ -21,9 +21,8 @@ import torch
 from forward_influence import corpus
 from forward_influence.tracer import Tracer
 from forward_influence.traces import chat_ids
-from kv_compression.budget import Budget
+from kv_compression.budget import BUFFER, Budget
 from kv_compression.policies import Policy
-from kv_compression.runtime import BUFFER
 
 from . import Item, PerSetting, greedy_completion
 
