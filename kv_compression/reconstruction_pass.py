@@ -95,6 +95,7 @@ def _installed(model, state: _Pass) -> Iterator[None]:
                 state.hidden_norm[module.layer_idx] = hidden.float().norm(dim=-1)
 
             handles.append(layer.self_attn.register_forward_pre_hook(norm, with_kwargs=True))
+    # Inside the runtime the model runs its recording wrapper ("kv_compression_sdpa"): wrap the base.
     base = model.config._attn_implementation.removeprefix("kv_compression_")
     try:
         with attention_implementation(model, _NAME.format(base)):
