@@ -13,6 +13,7 @@ other policy; the search's own numbers (relaxed loss, each start's exact KL, CPU
 - ``headroom.csv``: per policy and budget, its place between random (0) and `optimal` (1) on the mean
   KL (the quantity the search minimises), with a 95% percentile-bootstrap interval over documents,
   and the NLL increase beside it; ``headroom_nll.csv``, the same places on the NLL increase;
+  ``ranking.csv``, how far the two rankings agree (Spearman per budget, the policies that move most);
 - ``headroom.png``: the places with their intervals;
 - ``paired.csv``: per budget and policy, the mean of ``optimal - policy`` on the KL over documents
   with its 95% Student-t interval;
@@ -138,6 +139,29 @@ def optimal_rows(
     )
 
 
+def ranking_agreement(on_kl: pd.DataFrame, on_nll: pd.DataFrame) -> pd.DataFrame:
+    """Per budget, the Spearman correlation between the policies' places on the KL and on the NLL
+    increase (`headroom` tables), with the policies whose rank differs most between the two."""
+    rows = []
+    for budget, kl in on_kl.groupby("budget"):
+        places = (
+            kl.set_index("policy")
+            .place.to_frame("kl")
+            .join(on_nll[on_nll.budget == budget].set_index("policy").place.rename("nll"))
+        )
+        ranks = places.rank(ascending=False)
+        moved = (ranks.kl - ranks.nll).abs().sort_values(ascending=False)
+        rows.append(
+            dict(
+                budget=budget,
+                policies=len(places),
+                spearman=stats.spearmanr(places.kl, places.nll).statistic,
+                most_moved=", ".join(f"{p} ({ranks.kl[p]:.0f} -> {ranks.nll[p]:.0f})" for p in moved.index[:2]),
+            )
+        )
+    return pd.DataFrame(rows)
+
+
 def paired(results: pd.DataFrame, optimal: pd.DataFrame, metric: str = "kl") -> pd.DataFrame:
     """Per budget and policy: the mean over documents of ``optimal - policy`` on `metric`, with its 95%
     Student-t interval (below zero: the optimum is better beyond chance)."""
@@ -242,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     write_table(optimal, out / "optimal.csv")
     table = headroom(results, optimal, CEILING, "kl", beside=("nll_increase",))
     write_table(table, out / "headroom.csv")
-    write_table(headroom(results, optimal, CEILING, "nll_increase", beside=("kl",)), out / "headroom_nll.csv")
+    on_nll = headroom(results, optimal, CEILING, "nll_increase", beside=("kl",))
+    write_table(on_nll, out / "headroom_nll.csv")
+    write_table(ranking_agreement(table, on_nll), out / "ranking.csv")
     write_table(interaction(optimal), out / "interaction.csv")
     write_table(paired(results, optimal), out / "paired.csv")
     described = describe_sets(loaded, args.docs, budgets, out)

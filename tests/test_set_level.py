@@ -201,3 +201,13 @@ def test_paired_differences_against_the_optimum():
         -0.4
     )
     assert (table.n_documents == 3).all() and (table.ci_high < 0).all()
+
+
+def test_ranking_agreement_correlates_the_places_and_names_who_moves():
+    from analyses.set_level import ranking_agreement
+
+    on_kl = pd.DataFrame(dict(budget=0.1, policy=["optimal", "a", "b", "c"], place=[1.0, 0.6, 0.4, 0.2]))
+    on_nll = pd.DataFrame(dict(budget=0.1, policy=["optimal", "a", "b", "c"], place=[1.0, 0.3, 0.5, 0.1]))
+    (row,) = ranking_agreement(on_kl, on_nll).to_dict("records")
+    assert row["policies"] == 4 and row["spearman"] == pytest.approx(0.8)  # one swap among four: 1 - 6*2/60
+    assert row["most_moved"] == "a (2 -> 3), b (3 -> 2)"
