@@ -124,6 +124,17 @@ def plot_task(results: pd.DataFrame, task: Task, title: str, path: Path, seed: i
     save_figure(fig, path)
 
 
+def report_task(results: pd.DataFrame, task: Task, model: str, out: Path, seed: int = 0) -> pd.DataFrame:
+    """The summary of one task's per-item `results` (`summarize`), with its figure written to `out`
+    (the task's own `plot`, else `plot_task`)."""
+    title = f"{model}: {task.name}, {results['item'].nunique()} items; mean and 95% CI across items"
+    if hasattr(task, "plot"):
+        task.plot(results, title, out / task.name)
+    else:
+        plot_task(results, task, title, out / task.name, seed)
+    return summarize(results, task.metrics)
+
+
 def evaluate(
     loaded: LoadedModel,
     tasks: Sequence[str | Task],
@@ -154,17 +165,11 @@ def evaluate(
         task = known[task] if isinstance(task, str) else task
         if buffer is not None and "buffer" in {f.name for f in dataclasses.fields(task)}:
             task = dataclasses.replace(task, buffer=buffer)
-        name = task.name
         results = run_task(task, loaded, policies, budgets, n_items, out, seed, shard=shard)
         if shard is not None:
             continue
         frames.append(results)
-        summaries.append(summarize(results, task.metrics))
-        title = f"{loaded.name}: {name}, {results['item'].nunique()} items; mean and 95% CI across items"
-        if hasattr(task, "plot"):
-            task.plot(results, title, out / name)
-        else:
-            plot_task(results, task, title, out / name, seed)
+        summaries.append(report_task(results, task, loaded.name, out, seed))
     if shard is not None:
         return cache_folder(out, loaded.name)
     write_table(pd.concat(frames, ignore_index=True), out / "results.csv")

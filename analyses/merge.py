@@ -23,7 +23,7 @@ from forward_influence.errors import InputError
 from forward_influence.outputs import write_table
 from forward_influence.sources import DEFAULT_MODEL
 
-from .evaluate import plot_task, summarize
+from .evaluate import report_task
 from .tasks import registry
 
 KEYS = ["task", "item", "policy", "budget"]
@@ -51,14 +51,7 @@ def merge(folders: Sequence[Path], out: Path, model: str = DEFAULT_MODEL, seed: 
     for name, rows in results.groupby("task", sort=False):
         if name not in known:
             raise InputError(f"unknown task {name!r} in the results; choose from {', '.join(known)}")
-        task = known[name]
-        rows = rows.dropna(axis="columns", how="all")
-        summaries.append(summarize(rows, task.metrics))
-        title = f"{model}: {name}, {rows['item'].nunique()} items; mean and 95% CI across items"
-        if hasattr(task, "plot"):
-            task.plot(rows, title, out / name)
-        else:
-            plot_task(rows, task, title, out / name, seed)
+        summaries.append(report_task(rows.dropna(axis="columns", how="all"), known[name], model, out, seed))
     write_table(results, out / "results.csv")
     return write_table(pd.concat(summaries, ignore_index=True), out / "summary.csv")
 
