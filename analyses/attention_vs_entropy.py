@@ -138,23 +138,25 @@ def run(
     seed: int = 0,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
-) -> pd.DataFrame:
+) -> pd.DataFrame | Path:
     """Measure every document (cached), write ``attention_vs_entropy_per_document.csv``,
-    ``attention_vs_entropy.csv`` and the figure ``attention_vs_entropy.png/.svg``; returns the summary."""
+    ``attention_vs_entropy.csv`` and the figure ``attention_vs_entropy.png/.svg``; returns the summary
+    (a shard run: the cache folder, `documents.shard_of`)."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     tracer = Tracer(loaded)
     key = dict(selections=list(selections), fractions=list(fractions), seed=seed)
+    folder = cache_folder(out, loaded.name) / "attention_vs_entropy"
     frame = per_document(
         traces,
         lambda trace: document_frame(tracer, trace, selections, fractions, seed=seed, model=loaded.name),
-        cache_folder(out, loaded.name) / "attention_vs_entropy",
+        folder,
         key,
         "attention vs entropy",
         progress,
         shard,
     )
-    if shard is not None:  # an array job: the cache holds its documents; a run without a shard writes the tables
-        return frame
+    if shard is not None:  # the shard contract (`documents.shard_of`)
+        return folder
     table = summarize(frame)
     write_table(frame, out / "attention_vs_entropy_per_document.csv")
     write_table(table, out / "attention_vs_entropy.csv")
@@ -179,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     traces = essay_segments(load_model(args.model).tokenizer, args.docs, args.max_tokens)
     table = run(args.model, traces, args.out, seed=args.seed, shard=args.shard)
-    if args.shard is None:
-        print(table.to_string(index=False, float_format="{:.3g}".format))
+    if args.shard is not None:
+        print(table)
+        return
+    print(table.to_string(index=False, float_format="{:.3g}".format))
     print(args.out / "attention_vs_entropy.csv")
 
 

@@ -36,9 +36,10 @@ from kv_compression.policies import InfoKV
 from kv_compression.tuned import file_name, read, user_folder
 
 from .documents import essay_segments
-from .tasks.fidelity import PREFIX, fidelity_rows
+from .protocol import CONTINUATION, PREFIX
+from .tasks.fidelity import fidelity_rows
 
-TOP_K, ALPHA, TAU = (10, 64, 256), (0.8, 0.9, 0.95), (0.5, 1.0, 2.0)
+TOP_K_GRID, ALPHA_GRID, TAU_GRID = (10, 64, 256), (0.8, 0.9, 0.95), (0.5, 1.0, 2.0)
 COMBINATIONS = ("softmax", "zscore", "rank")
 ALTERNATIVES = dict(alignment=("next",), evolution=("across_layers", "none"))
 
@@ -52,10 +53,15 @@ def _named(fields: dict) -> tuple[str, InfoKV]:
 
 def settings_grid() -> dict[str, InfoKV]:
     """The grid of the module docstring as named InfoKV policies (name: ``top_k=256,alpha=0.9,...``)."""
-    settings = [dict(alpha=1.0)] + [dict(top_k=k, alpha=a, tau=t) for k, a, t in itertools.product(TOP_K, ALPHA, TAU)]
-    settings += [dict(alpha=a, combination=c) for c in COMBINATIONS[1:] for a in ALPHA]
+    settings = [dict(alpha=1.0)] + [
+        dict(top_k=k, alpha=a, tau=t) for k, a, t in itertools.product(TOP_K_GRID, ALPHA_GRID, TAU_GRID)
+    ]
+    settings += [dict(alpha=a, combination=c) for c in COMBINATIONS[1:] for a in ALPHA_GRID]
     settings += [
-        dict(alpha=a, **{option: value}) for option, values in ALTERNATIVES.items() for value in values for a in ALPHA
+        dict(alpha=a, **{option: value})
+        for option, values in ALTERNATIVES.items()
+        for value in values
+        for a in ALPHA_GRID
     ]
     grid = dict(_named(fields) for fields in settings)
     assert grid[_named({})[0]] == InfoKV()  # the published point is in the grid
@@ -76,7 +82,7 @@ def calibrate(
     docs: int = 4,
     grid: dict[str, InfoKV] | None = None,
     prefix: int = PREFIX,
-    continuation: int = 256,
+    continuation: int = CONTINUATION,
     token_ids: dict[str, list[int]] | None = None,
     out: Path | None = None,
 ) -> dict:

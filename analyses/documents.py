@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from forward_influence import corpus
 from forward_influence.errors import InputError
+from forward_influence.sources import model_slug
 from forward_influence.traces import Trace, read_traces
 
 from . import cache
@@ -86,7 +87,11 @@ def add_shard_option(parser) -> None:
 
 
 def shard_of(items: Sequence, shard: tuple[int, int] | None) -> list:
-    """The items of shard ``(i, n)``: those whose index is i modulo n (all of them when `shard` is None)."""
+    """The items of shard ``(i, n)``: those whose index is i modulo n (all of them when `shard` is None).
+
+    The shard contract of every analysis and of the evaluation: a shard run (an array job) measures its
+    items into the per-item cache, writes no table and returns the cache folder it filled, which its
+    entry point prints; a run without a shard then reads every item from the cache and writes the tables."""
     if shard is None:
         return list(items)
     index, count = shard
@@ -94,8 +99,8 @@ def shard_of(items: Sequence, shard: tuple[int, int] | None) -> list:
 
 
 def cache_folder(out: Path, model: str) -> Path:
-    """``<out>/cache/<model>``, the model name made a single folder name (``org/name`` -> ``org_name``)."""
-    return Path(out) / "cache" / model.replace("/", "_")
+    """``<out>/cache/<model>``, the model's name made one folder name (`forward_influence.sources.model_slug`)."""
+    return Path(out) / "cache" / model_slug(model)
 
 
 def per_document(

@@ -11,7 +11,6 @@ Policies are named as on the command line (``NAME`` or ``NAME:field=value:...``)
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def run_task(
     check_budgets(task, items, budgets, loaded.name)
     for item in tqdm(items, desc=task.name, unit="item", disable=not progress):
         path = folder / cache.file_name(item.id)
-        key = dict(task=repr(task), item=item.id, tokens=item.token_ids)
+        key = dict(task=task.cache_key(), item=item.id, tokens=item.token_ids)
         stored = cache.read(path, key, columns=("policy", "budget", "settings"))
         done = (
             {}
@@ -128,9 +127,7 @@ def report_task(results: pd.DataFrame, task: Task, model: str, out: Path, seed: 
     """The summary of one task's per-item `results` (`summarize`), with its figure written to `out`
     (the task's own `plot`, else `plot_task`)."""
     title = f"{model}: {task.name}, {results['item'].nunique()} items; mean and 95% CI across items"
-    if hasattr(task, "plot"):
-        task.plot(results, title, out / task.name)
-    else:
+    if task.plot(results, title, out / task.name) is None:
         plot_task(results, task, title, out / task.name, seed)
     return summarize(results, task.metrics)
 
@@ -163,8 +160,8 @@ def evaluate(
     frames, summaries = [], []
     for task in tasks:
         task = known[task] if isinstance(task, str) else task
-        if buffer is not None and "buffer" in {f.name for f in dataclasses.fields(task)}:
-            task = dataclasses.replace(task, buffer=buffer)
+        if buffer is not None:
+            task = task.with_buffer(buffer)
         results = run_task(task, loaded, policies, budgets, n_items, out, seed, shard=shard)
         if shard is not None:
             continue

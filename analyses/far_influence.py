@@ -1,7 +1,7 @@
 """Far-distance Forward Influence, the InfoKV paper's protocol: how long do evicted tokens matter?
 
 The paper compresses the first 2048 tokens of a long text and follows the KL of later 128-token
-chunks; it reports that high-entropy tokens still matter about 14K tokens later while attention-chosen
+buckets of distance; it reports that high-entropy tokens still matter about 14K tokens later while attention-chosen
 tokens fade fast. Here, on every essay of both splits long enough for at least `min_suffix` tokens
 after the prefix (no policy is tuned on these numbers), each cut at the model's context:
 
@@ -13,12 +13,12 @@ after the prefix (no policy is tuned on these numbers), each cut at the model's 
   the clean run in one batched pass per essay (the suffix in pieces of `chunk` queries over the shared
   cached prefix, `forward_influence.influence.evict`);
 - the KL(clean || evicted) of the next-token distributions is averaged in consecutive 128-token
-  chunks of distance (1-128, 129-256, ...), then across essays with 95% percentile-bootstrap intervals
-  (``far_influence.csv``: ``selection, chunk_start, chunk_end, kl_mean, kl_ci_low, kl_ci_high,
-  n_documents``; fewer essays reach the far chunks, and ``n_documents`` says how many);
-- ``far_influence_paired.csv``: per chunk, the entropy set's KL minus each attention set's on the
+  buckets of distance (`FAR_BUCKET`: 1-128, 129-256, ...), then across essays with 95% percentile-bootstrap intervals
+  (``far_influence.csv``: ``selection, bucket_start, bucket_end, kl_mean, kl_ci_low, kl_ci_high,
+  n_documents``; fewer essays reach the far buckets, and ``n_documents`` says how many);
+- ``far_influence_paired.csv``: per bucket, the entropy set's KL minus each attention set's on the
   same essays (mean and interval), which answers where, if anywhere, entropy overtakes attention;
-- ``far_influence.png``: KL per chunk against distance, log scale, one line per selection.
+- ``far_influence.png``: KL per bucket against distance, log scale, one line per selection.
 
 Each essay is cached under ``<out>/cache/<model>/far_influence/`` (resumable) with the seconds it took.
 
@@ -54,12 +54,10 @@ from kv_compression.names import parse
 
 from .documents import add_shard_option, cache_folder, per_document, quick
 from .plotting import distinct_palette, save_figure, theme
+from .protocol import FAR_BUCKET, FAR_PREFIX, PAPER_TOP_K
 from .selections import INFOKV, LABELS, policy_scores
 
-PREFIX = 2048
-CHUNK = 128
-PAPER_TOP_K = 256
-SELECTIONS = ("entropy_generated", "attention_snapkv", "attention_h2o", "infokv", "random")
+FAR_SELECTIONS = ("entropy_generated", "attention_snapkv", "attention_h2o", "infokv", "random")
 ATTENTION = ("attention_snapkv", "attention_h2o")
 
 
@@ -74,19 +72,19 @@ def long_essays(tokenizer, context: int, prefix: int, min_suffix: int) -> list[T
 
 
 def selection_sets(tracer: Tracer, ids: Sequence[int], t: int, fraction: float, model: str, seed: int) -> dict:
-    """The top `fraction` of the prefix ``0..t`` by each selection of `SELECTIONS`."""
+    """The top `fraction` of the prefix ``0..t`` by each selection of `FAR_SELECTIONS`."""
     prefix = ids[: t + 1]
     signals = token_signals(tracer, prefix, top_k=PAPER_TOP_K)
-    ranking = {name: signals.get(name) for name in SELECTIONS if name not in ("infokv", "random")}
+    ranking = {name: signals.get(name) for name in FAR_SELECTIONS if name not in ("infokv", "random")}
     ranking["infokv"] = policy_scores(tracer, prefix, parse(INFOKV, model, quiet=True))
     ranking["random"] = None
-    return {name: select_top(ranking[name], fraction, t, sinks=SINKS, seed=seed) for name in SELECTIONS}
+    return {name: select_top(ranking[name], fraction, t, sinks=SINKS, seed=seed) for name in FAR_SELECTIONS}
 
 
 def document_frame(
     tracer: Tracer, trace: Trace, fraction: float, t: int, model: str, seed: int, chunk: int
 ) -> pd.DataFrame:
-    """Mean KL per 128-token chunk of distance for each selection on one essay (``seconds``: its cost)."""
+    """Mean KL per 128-token bucket of distance for each selection on one essay (``seconds``: its cost)."""
     started = time.perf_counter()
     sets = selection_sets(tracer, trace.token_ids, t, fraction, model, seed)
     clean = clean_run(tracer, trace.token_ids, hidden=False)
@@ -94,14 +92,14 @@ def document_frame(
     kl = evict(tracer, clean, specs, len(trace) - t - 1, batch_size=len(specs), hidden=False, chunk=chunk).kl
     rows = []
     for index, selection in enumerate(sets):
-        for start in range(0, kl.shape[1], CHUNK):
-            values = kl[index, start : start + CHUNK]
+        for start in range(0, kl.shape[1], FAR_BUCKET):
+            values = kl[index, start : start + FAR_BUCKET]
             rows.append(
                 dict(
                     document=trace.id,
                     selection=selection,
-                    chunk_start=start + 1,
-                    chunk_end=start + len(values),
+                    bucket_start=start + 1,
+                    bucket_end=start + len(values),
                     kl=float(np.mean(values)),
                 )
             )
@@ -109,18 +107,18 @@ def document_frame(
 
 
 def summarize(per_document_frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table, paired): mean KL per selection and chunk with intervals across essays, and the entropy
+    """(table, paired): mean KL per selection and bucket with intervals across essays, and the entropy
     set's KL minus each attention set's on the same essays."""
-    full = per_document_frame[per_document_frame.chunk_end - per_document_frame.chunk_start == CHUNK - 1]
-    table = group_ci(full, ["selection", "chunk_start", "chunk_end"], ["kl"]).rename(columns={"n": "n_documents"})
-    table = table[["selection", "chunk_start", "chunk_end", "kl_mean", "kl_ci_low", "kl_ci_high", "n_documents"]]
-    wide = full.pivot_table(index=["document", "chunk_start", "chunk_end"], columns="selection", values="kl")
+    full = per_document_frame[per_document_frame.bucket_end - per_document_frame.bucket_start == FAR_BUCKET - 1]
+    table = group_ci(full, ["selection", "bucket_start", "bucket_end"], ["kl"]).rename(columns={"n": "n_documents"})
+    table = table[["selection", "bucket_start", "bucket_end", "kl_mean", "kl_ci_low", "kl_ci_high", "n_documents"]]
+    wide = full.pivot_table(index=["document", "bucket_start", "bucket_end"], columns="selection", values="kl")
     differences = [
         pd.DataFrame(
             {
                 "against": other,
-                "chunk_start": wide.index.get_level_values("chunk_start"),
-                "chunk_end": wide.index.get_level_values("chunk_end"),
+                "bucket_start": wide.index.get_level_values("bucket_start"),
+                "bucket_end": wide.index.get_level_values("bucket_end"),
                 "difference": (wide["entropy_generated"] - wide[other]).to_numpy(),
             }
         )
@@ -128,28 +126,28 @@ def summarize(per_document_frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
         if other in wide
     ]
     paired = group_ci(
-        pd.concat(differences, ignore_index=True), ["against", "chunk_start", "chunk_end"], ["difference"]
+        pd.concat(differences, ignore_index=True), ["against", "bucket_start", "bucket_end"], ["difference"]
     ).rename(columns={"n": "n_documents"})
     return table, paired
 
 
 def plot(table: pd.DataFrame, title: str, path: Path) -> list[Path]:
-    """KL per chunk against distance (log y), one line per selection with its 95% band."""
+    """KL per bucket against distance (log y), one line per selection with its 95% band."""
     theme()
     fig, ax = plt.subplots(figsize=(11, 5), layout="constrained")
     palette = distinct_palette(table.selection).values()
     for color, (selection, rows) in zip(palette, table.groupby("selection", sort=False)):
-        x = (rows.chunk_start + rows.chunk_end) / 2
+        x = (rows.bucket_start + rows.bucket_end) / 2
         ax.plot(x, rows.kl_mean, color=color, label=LABELS.get(selection, selection), linewidth=1.6)
         ax.fill_between(x, rows.kl_ci_low, rows.kl_ci_high, color=color, alpha=0.15, linewidth=0)
     ax.set_yscale("log")
-    ax.set_xlabel("distance after the eviction time t (tokens; 128-token chunks)")
+    ax.set_xlabel("distance after the eviction time t (tokens; 128-token buckets)")
     ax.set_ylabel("KL(clean || evicted) (nats / token)")
     ax.legend(title="evicted top 10% of the prefix by", fontsize=8)
     twin = ax.twinx()
-    counts = table.groupby("chunk_start").n_documents.max()
+    counts = table.groupby("bucket_start").n_documents.max()
     twin.step(counts.index, counts.to_numpy(), where="post", color="0.6", linewidth=0.8)
-    twin.set_ylabel("essays reaching the chunk", color="0.5")
+    twin.set_ylabel("essays reaching the bucket", color="0.5")
     twin.grid(False)
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
@@ -159,7 +157,7 @@ def run(
     model: str | LoadedModel,
     out: Path,
     fraction: float = 0.1,
-    prefix: int = PREFIX,
+    prefix: int = FAR_PREFIX,
     min_suffix: int = 2048,
     chunk: int = 1024,
     seed: int = 0,
@@ -167,7 +165,7 @@ def run(
     progress: bool = True,
     shard: tuple[int, int] | None = None,
     essays: Sequence[str] | None = None,
-) -> dict[str, pd.DataFrame]:
+) -> dict[str, pd.DataFrame] | Path:
     """Measure every long essay, or the named `essays` among them (cached), and write the tables and
     the figure to `out`."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -184,18 +182,21 @@ def run(
             )
         traces = [known[name] for name in essays]
     t = prefix - 1
-    key = dict(selections=list(SELECTIONS), fraction=fraction, t=t, seed=seed, infokv=repr(parse(INFOKV, quiet=True)))
+    key = dict(
+        selections=list(FAR_SELECTIONS), fraction=fraction, t=t, seed=seed, infokv=repr(parse(INFOKV, quiet=True))
+    )
+    folder = cache_folder(out, loaded.name) / "far_influence"
     frame = per_document(
         traces,
         lambda trace: document_frame(tracer, trace, fraction, t, loaded.name, seed, chunk),
-        cache_folder(out, loaded.name) / "far_influence",
+        folder,
         key,
         "far influence",
         progress,
         shard,
     )
-    if shard is not None:  # an array job: the cache holds its essays; a run without a shard writes the tables
-        return {}
+    if shard is not None:  # the shard contract (`documents.shard_of`)
+        return folder
     table, paired = summarize(frame)
     write_table(frame, out / "far_influence_per_document.csv")
     write_table(table, out / "far_influence.csv")
@@ -204,7 +205,7 @@ def run(
     plot(
         table,
         f"{loaded.name}: the top {fraction:.0%} of the first {prefix} tokens evicted at t = {t}; "
-        f"{len(traces)} essays, mean KL per 128-token chunk, 95% CI across essays ({hours:.1f} CPU hours)",
+        f"{len(traces)} essays, mean KL per 128-token bucket of distance, 95% CI across essays ({hours:.1f} CPU hours)",
         out / "far_influence",
     )
     return dict(far_influence=table, far_influence_paired=paired, far_influence_per_document=frame)
@@ -214,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     small = quick()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--prefix", type=int, default=256 if small else PREFIX, help="tokens compressed (default 2048)")
+    parser.add_argument(
+        "--prefix", type=int, default=256 if small else FAR_PREFIX, help="tokens compressed (default 2048)"
+    )
     parser.add_argument(
         "--min-suffix",
         type=int,
@@ -247,11 +250,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     except InputError as error:
         parser.error(str(error))
-    if tables:
-        print(tables["far_influence_paired"].to_string(index=False, float_format="{:.3g}".format))
-        print(args.out / "far_influence.csv")
-    else:
-        print(cache_folder(args.out, args.model) / "far_influence")
+    if args.shard is not None:
+        print(tables)
+        return
+    print(tables["far_influence_paired"].to_string(index=False, float_format="{:.3g}".format))
+    print(args.out / "far_influence.csv")
 
 
 if __name__ == "__main__":

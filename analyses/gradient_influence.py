@@ -48,8 +48,9 @@ from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 
 from .documents import add_shard_option, cache_folder, per_document
-from .learned import DISTANCE, PREFIX, evaluation_documents, influence_scan
+from .learned import evaluation_documents, influence_scan
 from .plotting import save_figure, theme
+from .protocol import INFLUENCE_DISTANCE, PREFIX
 
 BUCKETS = ("fi_near", "fi_far")
 TOP_SHARE = 0.1  # the top tokens whose overlap is reported
@@ -64,13 +65,13 @@ def top_overlap(estimate: np.ndarray, exact: np.ndarray, share: float = TOP_SHAR
 def document_tokens(tracer: Tracer, document: Trace, samples: int) -> pd.DataFrame:
     """Per prefix token: the exact and estimated ``fi_near`` / ``fi_far`` and the CPU seconds of each
     method (the same on every row)."""
-    ids = list(document.token_ids[: PREFIX + DISTANCE])
+    ids = list(document.token_ids[: PREFIX + INFLUENCE_DISTANCE])
     started = time.process_time()
     exact = fi_summary(influence_scan(tracer, ids, None).drop(columns="position").to_numpy())
     exact_seconds = time.process_time() - started
     started = time.process_time()
     clean = clean_run(tracer, ids, hidden=False)
-    estimate = gradient_influence(tracer, clean, PREFIX - 1, DISTANCE, samples).per_token()
+    estimate = gradient_influence(tracer, clean, PREFIX - 1, INFLUENCE_DISTANCE, samples).per_token()
     gradient_seconds = time.process_time() - started
     return pd.DataFrame(
         {
@@ -140,7 +141,7 @@ def compare(
         evaluation_documents(loaded.tokenizer, docs),
         lambda document: document_tokens(tracer, document, samples),
         cache_folder(out, loaded.name) / "gradient",
-        dict(time=PREFIX - 1, distance=DISTANCE, samples=samples),
+        dict(time=PREFIX - 1, distance=INFLUENCE_DISTANCE, samples=samples),
         "gradient vs exact",
         progress,
         shard,

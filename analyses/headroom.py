@@ -31,14 +31,13 @@ import pandas as pd
 import seaborn as sns
 import torch
 from matplotlib import pyplot as plt
-from scipy import stats
 
 from forward_influence.eviction import EvictionSpec
 from forward_influence.influence import clean_run, evict
 from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import write_table
 from forward_influence.sources import DEFAULT_MODEL
-from forward_influence.stats import group_ci
+from forward_influence.stats import group_ci, paired_interval
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
 from kv_compression.budget import Budget
@@ -48,8 +47,9 @@ from kv_compression.policies import Oracle
 
 from . import cache
 from .documents import cache_folder, per_document
-from .learned import DISTANCE, PREFIX, evaluation_documents, evaluation_scans, influence_scan
+from .learned import evaluation_documents, evaluation_scans, influence_scan
 from .plotting import save_figure, theme
+from .protocol import INFLUENCE_DISTANCE, PREFIX
 from .tasks.fidelity import Fidelity, fidelity_rows
 
 FLOOR, CEILING = "random", "oracle"
@@ -62,11 +62,11 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
     document under ``<out>/cache/<model>/headroom/``, so a run over more documents resumes."""
     tracer, task = Tracer(loaded), Fidelity()
     scans = evaluation_scans(out, loaded.name)
-    oracle = Oracle(distance=DISTANCE)
+    oracle = Oracle(distance=INFLUENCE_DISTANCE)
 
     def document_rows(document: Trace) -> pd.DataFrame:
         scan = influence_scan(tracer, document.token_ids, scans / cache.file_name(document.id))
-        single = scan[[f"kl_{d}" for d in range(1, DISTANCE + 1)]].mean(axis=1).to_numpy()
+        single = scan[[f"kl_{d}" for d in range(1, INFLUENCE_DISTANCE + 1)]].mean(axis=1).to_numpy()
         influence = torch.tensor(single, dtype=torch.float32, device=tracer.device)[None]
         fidelity = fidelity_rows(
             tracer,
@@ -80,12 +80,14 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
             influence=influence,
         )
         obs = observation(tracer, document.token_ids[:PREFIX], [oracle], influence=influence)
-        clean = clean_run(tracer, document.token_ids[: PREFIX + DISTANCE], hidden=False)
+        clean = clean_run(tracer, document.token_ids[: PREFIX + INFLUENCE_DISTANCE], hidden=False)
         rows = []
         for row, budget in zip(fidelity, budgets):
             kept = next(k for k in kept_indices(oracle, obs, Budget.parse(budget)) if k is not None)
             evicted = sorted(set(range(PREFIX)) - set(kept[0, 0].tolist()))  # one set: the score is per token
-            together = evict(tracer, clean, [EvictionSpec(tuple(evicted), PREFIX - 1)], DISTANCE, hidden=False).kl[0]
+            together = evict(
+                tracer, clean, [EvictionSpec(tuple(evicted), PREFIX - 1)], INFLUENCE_DISTANCE, hidden=False
+            ).kl[0]
             rows.append(
                 dict(
                     row,
@@ -100,7 +102,9 @@ def oracle_rows(loaded: LoadedModel, docs: int, budgets: list[str], out: Path, p
         evaluation_documents(loaded.tokenizer, docs),
         document_rows,
         cache_folder(out, loaded.name) / "headroom",
-        dict(budgets=list(budgets), distance=DISTANCE, fidelity=[task.prefix, task.continuation, task.far_from]),
+        dict(
+            budgets=list(budgets), distance=INFLUENCE_DISTANCE, fidelity=[task.prefix, task.continuation, task.far_from]
+        ),
         "headroom",
         progress,
     )
@@ -134,10 +138,7 @@ def headroom(
 
         for policy in wide.columns:
             data = (wide[policy].to_numpy(), wide[FLOOR].to_numpy(), wide[ceiling].to_numpy())
-            value = place(*data)
-            interval = stats.bootstrap(
-                data, place, paired=True, vectorized=False, n_resamples=2000, method="percentile", random_state=seed
-            ).confidence_interval
+            low, high = paired_interval(data, place, seed=seed)
             rows.append(
                 dict(
                     budget=budget,
@@ -145,9 +146,9 @@ def headroom(
                     n_documents=len(wide),
                     **{metric: wide[policy].mean()},
                     **{name: means[name][policy] for name in beside},
-                    place=value,
-                    place_ci_low=float(interval.low),
-                    place_ci_high=float(interval.high),
+                    place=place(*data),
+                    place_ci_low=low,
+                    place_ci_high=high,
                 )
             )
     return pd.DataFrame(rows).sort_values(["budget", "place"], ascending=[True, False])
@@ -167,10 +168,8 @@ def interaction(oracle: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     for _, group in oracle.groupby("budget", sort=False):
         data = (group.set_kl.to_numpy(), group.summed_single_kl.to_numpy())
         with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose sums are all zero has no ratio
-            interval = stats.bootstrap(
-                data, ratio, paired=True, vectorized=False, n_resamples=2000, method="percentile", random_state=seed
-            ).confidence_interval
-        ratios.append(dict(ratio=ratio(*data), ratio_ci_low=float(interval.low), ratio_ci_high=float(interval.high)))
+            low, high = paired_interval(data, ratio, seed=seed)
+        ratios.append(dict(ratio=ratio(*data), ratio_ci_low=low, ratio_ci_high=high))
     return pd.concat([table, pd.DataFrame(ratios)], axis="columns")
 
 

@@ -42,7 +42,7 @@ from kv_compression.offline import observation
 
 from . import plotting  # noqa: F401  (headless backend)
 
-SIGNALS = ("entropy", "attention", "evolution", "fi")
+HEATMAP_SIGNALS = ("entropy", "attention", "evolution", "fi")
 UNITS = {
     "entropy": "top-k entropy (nats)",
     "attention": "SnapKV attention received (probability)",
@@ -73,10 +73,10 @@ def check_signal(signal: str) -> str:
         if spec.split(":")[0] not in PER_MODEL:
             parse(spec, quiet=True)
         return signal
-    if signal in SIGNALS:
+    if signal in HEATMAP_SIGNALS:
         return signal
     raise InputError(
-        f"unknown signal {signal!r}; choose from {', '.join(SIGNALS)} or policy:NAME "
+        f"unknown signal {signal!r}; choose from {', '.join(HEATMAP_SIGNALS)} or policy:NAME "
         f"with NAME one of {', '.join(policy_names())}"
     )
 

@@ -221,10 +221,11 @@ def run(
     label: str | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
-) -> dict[str, pd.DataFrame]:
+) -> dict[str, pd.DataFrame] | Path:
     """Measure both views and write their CSVs and figures to `out` (``scan_tokens=0`` skips the
     per-token view); returns the tables by file stem. With a `shard` ``(i, n)`` only that shard's
-    documents are measured into the cache and nothing is written (`documents.shard_of`)."""
+    documents are measured into the cache, nothing is written and the cache folder is returned
+    (`documents.shard_of`)."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     tracer = Tracer(loaded)
     settings = settings or InfluenceSettings()
@@ -255,8 +256,8 @@ def run(
             progress,
             shard,
         )
-    if shard is not None:  # an array job: the cache holds its documents; a run without a shard writes the tables
-        return {}
+    if shard is not None:  # the shard contract (`documents.shard_of`)
+        return cache
     table = summarize(per_distance)
     lengths = sorted({len(t) for t in traces})
     label = label or f"{len(traces)} evaluation essays x {lengths[0]}{'+' if len(lengths) > 1 else ''} tokens"
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         scan_distance=args.scan_distance,
         shard=args.shard,
     )
+    if args.shard is not None:
+        print(tables)
+        return
     for name in ("influence", "per_token_correlations", "per_token_paired"):
         if name in tables:
             print(tables[name].to_string(index=False, float_format="{:.3g}".format))

@@ -5,7 +5,7 @@ evaluation essays for evaluation) every token of the prefix is evicted alone at 
 t = PREFIX - 1 and its far Forward Influence measured: ``fi_far``, the mean KL over distances 33-64
 (`forward_influence.scan.scan_at`; cached per document under ``<out>/cache/<model>/scans/``, so a run
 resumes). The online signals of every token, layer and KV head come from one offline observation
-(`kv_compression.policies.learned.token_signals`), ranked among each layer's tokens.
+(`kv_compression.policies.learned.token_features`), ranked among each layer's tokens.
 
 Training (`train`, ``forward-influence learn``): ridge regressions (scikit-learn) of each token's rank
 of ``fi_far`` within its document on its signals' ranks averaged over the KV heads and over the
@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import seaborn as sns
-import torch
 from matplotlib import pyplot as plt
 from scipy import stats
 from sklearn.linear_model import Ridge
@@ -49,30 +48,29 @@ from forward_influence.defaults import FAR_FROM, WINDOW
 from forward_influence.influence import clean_run
 from forward_influence.models import LoadedModel, load_model
 from forward_influence.outputs import atomic_open, write_table
-from forward_influence.scan import scan_at
+from forward_influence.scan import fi_summary, scan_at
 from forward_influence.sources import DEFAULT_MODEL
 from forward_influence.stats import group_ci
 from forward_influence.tracer import Tracer
 from forward_influence.traces import Trace
-from kv_compression.kept import layer_scores
+from kv_compression.kept import layer_scores, mean_token_scores
 from kv_compression.names import parse
 from kv_compression.offline import observation
 from kv_compression.policies import Learned
-from kv_compression.policies.learned import SIGNALS, band, token_signals
+from kv_compression.policies.learned import FEATURES, band, token_features
 from kv_compression.tuned import read
 
 from . import cache
 from .documents import add_shard_option, cache_folder, essay_segments, shard_of
 from .plotting import save_figure, theme
-from .tasks.fidelity import PREFIX, Fidelity
+from .protocol import CONTINUATION, INFLUENCE_DISTANCE, PREFIX
 
-DISTANCE = 64
 ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 RANKED = ("learned", "h2o", "snapkv", "infokv", "infokv-calibrated", "expected-attention")
 
 
 def influence_scan(
-    tracer: Tracer, ids: Sequence[int], folder: Path | None, prefix: int = PREFIX, distance: int = DISTANCE
+    tracer: Tracer, ids: Sequence[int], folder: Path | None, prefix: int = PREFIX, distance: int = INFLUENCE_DISTANCE
 ) -> pd.DataFrame:
     """KL ``kl_1 .. kl_D`` of each prefix token evicted alone at t = prefix - 1, one row per position."""
     ids = list(ids[: prefix + distance])
@@ -88,12 +86,12 @@ def influence_scan(
 
 
 def far_influence(scan: pd.DataFrame) -> np.ndarray:
-    """``fi_far`` of each position: the mean KL over the distances from FAR_FROM on."""
-    return scan[[c for c in scan.columns if c.startswith("kl_") and int(c[3:]) >= FAR_FROM]].mean(axis=1).to_numpy()
+    """``fi_far`` of each position of an `influence_scan` (`forward_influence.scan.fi_summary`)."""
+    return fi_summary(scan[[c for c in scan.columns if c.startswith("kl_")]].to_numpy())["fi_far"].to_numpy()
 
 
 def document_rows(
-    tracer: Tracer, trace: Trace, folder: Path | None, prefix: int = PREFIX, distance: int = DISTANCE
+    tracer: Tracer, trace: Trace, folder: Path | None, prefix: int = PREFIX, distance: int = INFLUENCE_DISTANCE
 ) -> pd.DataFrame:
     """One row per token of one document: its head-averaged ranked signals in every full-attention
     layer (columns ``<signal>@<i>`` for the i-th such layer), its ``fi_far`` and its rank in the
@@ -101,9 +99,9 @@ def document_rows(
     path = None if folder is None else folder / cache.file_name(trace.id)
     target = far_influence(influence_scan(tracer, trace.token_ids, path, prefix, distance))
     obs = observation(tracer, trace.token_ids[:prefix], [Learned()])
-    features = token_signals(obs)[0]  # [full layers, tokens, signals]
+    features = token_features(obs)[0]  # [full layers, tokens, signals]
     layers, tokens, _ = features.shape
-    columns = [f"{name}@{layer}" for layer in range(layers) for name in SIGNALS]
+    columns = [f"{name}@{layer}" for layer in range(layers) for name in FEATURES]
     rows = pd.DataFrame(features.permute(1, 0, 2).reshape(tokens, -1).cpu().numpy(), columns=columns)
     kept = prefix - WINDOW
     rank = stats.rankdata(target[:kept]) - 1
@@ -114,13 +112,13 @@ def document_rows(
 def design(rows: pd.DataFrame, bands: int) -> np.ndarray:
     """The features of `bands` bands of layers: each signal's mean over the band's layers, ``[rows,
     bands * signals]`` (band-major, as the policy's weights)."""
-    layers = sum(c.startswith(f"{SIGNALS[0]}@") for c in rows.columns)
+    layers = sum(c.startswith(f"{FEATURES[0]}@") for c in rows.columns)
     blocks = []
     for b in range(bands):
         members = [layer for layer in range(layers) if band(layer, layers, bands) == b]
         blocks.append(
             np.stack(
-                [rows[[f"{name}@{layer}" for layer in members]].mean(axis=1).to_numpy() for name in SIGNALS], axis=1
+                [rows[[f"{name}@{layer}" for layer in members]].mean(axis=1).to_numpy() for name in FEATURES], axis=1
             )
         )
     return np.concatenate(blocks, axis=1)
@@ -139,7 +137,7 @@ def cross_validate(rows: pd.DataFrame, bands_options: Sequence[int]) -> pd.DataF
                 dict(document=held, model=f"bands={bands},alpha={alpha}", bands=bands, alpha=alpha, spearman=float(rho))
             )
         for name in ("attention_cumulative", "attention_window"):
-            score = design(test, 1)[:, SIGNALS.index(name)]
+            score = design(test, 1)[:, FEATURES.index(name)]
             results.append(
                 dict(document=held, model=name, spearman=float(stats.spearmanr(score, test.fi_far).statistic))
             )
@@ -154,7 +152,7 @@ def train(
     progress: bool = True,
     documents: Sequence[Trace] | None = None,
     prefix: int = PREFIX,
-    distance: int = DISTANCE,
+    distance: int = INFLUENCE_DISTANCE,
 ) -> dict:
     """Fit the learned policy on `docs` calibration documents (or the given `documents`); write and
     return its JSON content."""
@@ -168,7 +166,7 @@ def train(
         ],
         ignore_index=True,
     )
-    layers = sum(c.startswith(f"{SIGNALS[0]}@") for c in rows.columns)
+    layers = sum(c.startswith(f"{FEATURES[0]}@") for c in rows.columns)
     scores = cross_validate(rows, sorted({1, min(3, layers), layers}))
     means = scores.groupby("model", sort=False).spearman.mean()
     fitted = scores.dropna(subset=["bands"]).groupby(["bands", "alpha"]).spearman.mean()
@@ -176,7 +174,7 @@ def train(
     model = Ridge(alpha=alpha).fit(design(rows, int(bands)), rows.target)
     content = dict(
         model=loaded.name,
-        features=list(SIGNALS),
+        features=list(FEATURES),
         layers=int(layers),
         bands=int(bands),
         alpha=float(alpha),
@@ -200,7 +198,7 @@ def evaluation_scans(out: Path, model: str) -> Path:
 def evaluation_documents(tokenizer, docs: int) -> list[Trace]:
     """The `docs` evaluation documents: `PREFIX` tokens and the fidelity task's continuation after them, so
     the scans are those of the fidelity task's items (`analyses.headroom` reads both)."""
-    return essay_segments(tokenizer, docs, PREFIX + Fidelity.continuation)
+    return essay_segments(tokenizer, docs, PREFIX + CONTINUATION)
 
 
 def fill_scans(
@@ -210,7 +208,7 @@ def fill_scans(
     shard: tuple[int, int],
     progress: bool = True,
     prefix: int = PREFIX,
-    distance: int = DISTANCE,
+    distance: int = INFLUENCE_DISTANCE,
 ) -> Path:
     """Measure the scans of shard ``(i, n)`` of `documents` into the cache and write no table (array
     jobs: a run without a shard then reads them all); the cache folder."""
@@ -227,7 +225,7 @@ def ranking(
     policies: Sequence[str] = RANKED,
     progress: bool = True,
     prefix: int = PREFIX,
-    distance: int = DISTANCE,
+    distance: int = INFLUENCE_DISTANCE,
 ) -> dict[str, pd.DataFrame]:
     """Spearman of each policy's token score with ``fi_far`` on `documents` (the first `prefix`
     tokens scored at t = prefix - 1), per document, summarised, and paired against the learned policy
@@ -241,8 +239,7 @@ def ranking(
         target = far_influence(scan)
         obs = observation(tracer, trace.token_ids[:prefix], list(built.values()))
         for name, policy in built.items():
-            scores = torch.stack([s[0] for s in layer_scores(policy, obs) if s is not None]).float()
-            token = torch.where(torch.isfinite(scores), scores, torch.nan).nanmean(dim=(0, 1)).cpu().numpy()
+            token = mean_token_scores(layer_scores(policy, obs)).cpu().numpy()
             keep = np.isfinite(token) & np.isfinite(target)
             rows.append(
                 dict(

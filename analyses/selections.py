@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from forward_influence.defaults import SINKS, WINDOW
 from forward_influence.errors import InputError
@@ -27,7 +26,7 @@ from forward_influence.selection import select_top
 from forward_influence.signals import TokenSignals, token_signals
 from forward_influence.tracer import Tracer
 from kv_compression.budget import Budget
-from kv_compression.kept import layer_scores
+from kv_compression.kept import layer_scores, mean_token_scores
 from kv_compression.names import parse
 from kv_compression.offline import observation
 from kv_compression.policies import Policy
@@ -35,7 +34,7 @@ from kv_compression.policies import Policy
 INFOKV = "infokv"  # the policy behind the ``infokv`` selection: the published rule
 SIGNAL_SELECTIONS = ("entropy_next", "entropy_generated", "attention_snapkv", "attention_h2o", "evolution")
 POLICY_SELECTIONS = {"infokv": INFOKV, "learned": "learned"}  # selection name -> the policy that ranks
-SELECTIONS = (*SIGNAL_SELECTIONS, *POLICY_SELECTIONS, "random")
+KNOWN_SELECTIONS = (*SIGNAL_SELECTIONS, *POLICY_SELECTIONS, "random")
 DEFAULT_SELECTIONS = (*SIGNAL_SELECTIONS, "infokv", "random")  # unless told (learned needs the model's fit)
 LABELS = {
     "entropy_next": "entropy (next)",
@@ -51,18 +50,18 @@ LABELS = {
 
 def check_selections(names: Sequence[str]) -> list[str]:
     """`names` if all are known, else `InputError` naming the choices."""
-    unknown = [n for n in names if n not in SELECTIONS]
+    unknown = [n for n in names if n not in KNOWN_SELECTIONS]
     if unknown or not names:
-        raise InputError(f"unknown selection {', '.join(unknown) or '(none)'}; choose from {', '.join(SELECTIONS)}")
+        raise InputError(
+            f"unknown selection {', '.join(unknown) or '(none)'}; choose from {', '.join(KNOWN_SELECTIONS)}"
+        )
     return list(names)
 
 
 def policy_scores(tracer: Tracer, token_ids: Sequence[int], policy: Policy) -> np.ndarray:
     """``[tokens]`` mean score of `policy` over full-attention layers and KV heads; protected tokens NaN."""
     obs = observation(tracer, token_ids, [policy])
-    scores = torch.stack([s[0] for s in layer_scores(policy, obs) if s is not None]).float()  # [layers, heads, tokens]
-    scores = torch.where(torch.isfinite(scores), scores, torch.nan)
-    return scores.nanmean(dim=(0, 1)).cpu().numpy()
+    return mean_token_scores(layer_scores(policy, obs)).cpu().numpy()
 
 
 def scores(

@@ -60,6 +60,11 @@ class AttentionLayout:
         return cls(n, heads, getattr(config, "num_key_value_heads", None) or heads, windows)
 
     @property
+    def full_layers(self) -> list[int]:
+        """The full-attention layers (no sliding window): the ones a compression policy evicts from."""
+        return [layer for layer, window in enumerate(self.windows) if window is None]
+
+    @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 

@@ -57,8 +57,10 @@ def check_time(evict_at: int, sinks: int = SINKS) -> None:
     """The half of the eviction-time rule that needs no trace: a token to evict after the sinks."""
     if evict_at < sinks:
         raise InputError(
-            f"--evict-at {evict_at} must be at least {sinks}: the first {sinks} positions are "
-            "attention sinks, never evicted (see --sinks)"
+            f"evict_at {evict_at} must be at least sinks ({sinks}): the first {sinks} positions are "
+            "attention sinks, never evicted",
+            "evict_at",
+            "sinks",
         )
 
 
@@ -80,7 +82,9 @@ def eviction_time(trace: Trace, evict_at: int | None, sinks: int = SINKS) -> int
         return t
     check_time(evict_at, sinks)
     if evict_at > n - 2:
-        raise InputError(f"--evict-at {evict_at} is beyond trace {trace.id!r} ({n} tokens; it must be < {n - 1})")
+        raise InputError(
+            f"evict_at {evict_at} is beyond trace {trace.id!r} ({n} tokens; it must be < {n - 1})", "evict_at"
+        )
     return evict_at
 
 

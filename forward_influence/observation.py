@@ -5,9 +5,11 @@ values with their original positions, the last queries, the attention each key h
 every query so far (H2O's cumulative attention) and the layer's RoPE frequencies; per token its top-k
 entropies, its representation change across each layer and its distance to the final layer, and the
 logit lens. A policy declares what it reads beyond keys, values and positions with `Reads`, so only
-that is computed. The tracer builds observations offline (`observe`, one nnsight pass over a trace)
-and the compression runtime builds them online during generation; both use the functions of this
-module and of `forward_influence.signals`, so the same input gives the same scores.
+that is computed, and each `Reads` field declares how two policies' asks of it merge. The tracer
+builds observations offline (`observe`, one nnsight pass over a trace) and the compression runtime
+builds them online during generation; both build each layer's view with `LayerObservation.of` and
+every per-token table with the one function its entry in `forward_influence.stream_signals` declares,
+so the same input gives the same scores.
 
 Shapes, per layer: keys and values ``[batch, kv_heads, tokens, head_dim]`` (after RoPE, as cached),
 their original positions ``[batch, kv_heads, tokens]`` (heads may keep different tokens once a
@@ -20,7 +22,7 @@ processed, so they never need re-indexing after an eviction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -31,14 +33,23 @@ from .attention import attention_probs, attention_received
 from .defaults import QUERY_WINDOW
 from .errors import InputError
 from .influence import clean_run
-from .logits import DEFAULT_CHUNK, topk_entropies
 from .reconstruction import Reconstruction
 from .scan import scan_at
 from .set_optimum import SetOptimum, SetSearch
-from .signals import distance_to_final, generated_alignment, representation_change
+from .signals import generated_alignment
+from .stream_signals import Streams, stream_tables
 from .tracer import Tracer
 
 ALIGNMENTS = ("next", "generated")
+
+
+def _read(default, merge: Callable):
+    """A `Reads` field and how two policies' asks of it merge (every field declares one)."""
+    return field(default=default, metadata={"merge": merge})
+
+
+def _union(a, b):
+    return a | b
 
 
 @dataclass(frozen=True)
@@ -60,30 +71,26 @@ class Reads:
         (`forward_influence.set_optimum`) whose results are recorded; like `influence`, they need the
         tokens that follow (`kv_compression.offline` runs them from its policies' starting scores).
     reconstruction: the reconstruction passes (`forward_influence.reconstruction`, KVzip's signal)
-        whose scores of every cached entry are recorded (`kv_compression.reconstruction_pass` runs them,
+        whose scores of every cached entry are recorded (`kv_compression.runtime.reconstruction_pass` runs them,
         offline and online).
     """
 
-    window: int = 0
-    top_k: frozenset[int] = frozenset()
-    cumulative_attention: bool = False
-    layer_change: bool = False
-    final_distance: bool = False
-    logit_lens: frozenset[int] = frozenset()
-    influence: int = 0
-    press: frozenset[str] = frozenset()
-    set_search: frozenset[SetSearch] = frozenset()
-    reconstruction: frozenset[Reconstruction] = frozenset()
+    window: int = _read(0, max)
+    top_k: frozenset[int] = _read(frozenset(), _union)
+    cumulative_attention: bool = _read(False, _union)
+    layer_change: bool = _read(False, _union)
+    final_distance: bool = _read(False, _union)
+    logit_lens: frozenset[int] = _read(frozenset(), _union)
+    influence: int = _read(0, max)
+    press: frozenset[str] = _read(frozenset(), _union)
+    set_search: frozenset[SetSearch] = _read(frozenset(), _union)
+    reconstruction: frozenset[Reconstruction] = _read(frozenset(), _union)
 
     def __or__(self, other: Reads) -> Reads:
-        """Everything either reads (the longer window and influence distance)."""
+        """Everything either reads, each field merged by its own rule (the longer window and influence
+        distance; the union of the rest)."""
         return Reads(
-            **{
-                f.name: max(getattr(self, f.name), getattr(other, f.name))
-                if f.name in ("window", "influence")
-                else getattr(self, f.name) | getattr(other, f.name)
-                for f in fields(self)
-            }
+            **{f.name: f.metadata["merge"](getattr(self, f.name), getattr(other, f.name)) for f in fields(self)}
         )
 
     @property
@@ -109,6 +116,16 @@ class LayerObservation:
     sliding_window: int | None = None
     inv_freq: torch.Tensor | None = None
     output_weight: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, model, layer: int, **view) -> LayerObservation:
+        """The view of `layer` of `model` from its cached state `view` (the fields above but the two
+        the model itself holds: the layer's RoPE frequencies and output projection)."""
+        return cls(
+            **view,
+            inv_freq=rotary_frequencies(model, layer),
+            output_weight=model.get_decoder().layers[layer].self_attn.o_proj.weight,
+        )
 
 
 @dataclass
@@ -149,6 +166,11 @@ class Observation:
         table = self.entropy_next[top_k]
         return table if alignment == "next" else generated_alignment(table)
 
+    @property
+    def full_layers(self) -> list[int]:
+        """The layers a policy scores: every layer but the sliding-window ones (left to their window)."""
+        return [layer for layer, view in enumerate(self.layers) if view.sliding_window is None]
+
     def num_tokens(self, layer: int) -> int:
         return int(self.layers[layer].keys.shape[2])
 
@@ -165,14 +187,6 @@ class Observation:
         if window is not None:
             queries, query_positions = queries[:, :, -window:], query_positions[-window:]
         return attention_probs(queries, obs.keys, query_positions, obs.positions, obs.scaling, obs.sliding_window)
-
-
-def lens_entropies(model, hidden: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Top-k entropies of the logit lens (final norm and output head applied to a layer's residual
-    stream ``[1, tokens, hidden]``): ``{k: [1, tokens]}``, computed a chunk of positions at a time."""
-    # .forward, not __call__: the norm's hooks (the runtime records final states there) must not fire.
-    normed = model.get_decoder().norm.forward(hidden.to(model.dtype))
-    return {k: v[None] for k, v in topk_entropies(model, normed[0].float(), ks).items()}
 
 
 def rotary_frequencies(model, layer: int) -> torch.Tensor | None:
@@ -201,12 +215,12 @@ def observe(
     tracer: Tracer,
     token_ids: Sequence[int] | torch.Tensor,
     reads: Reads = Reads(),
-    chunk: int = DEFAULT_CHUNK,
     future: Sequence[int] = (),
     influence: torch.Tensor | None = None,
 ) -> Observation:
     """The observation of a cache holding `token_ids` with what `reads` asks for, from one traced pass
-    (batch 1). The last ``max(reads.window, QUERY_WINDOW)`` queries are kept. A measured influence
+    (batch 1). The last ``max(reads.window, QUERY_WINDOW)`` queries are kept; the stream signals come
+    from `forward_influence.stream_signals` over the whole trace. A measured influence
     (`Reads.influence`) is taken from `influence` when given (``[1, tokens]``), else measured on
     `future`, the tokens that follow."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
@@ -221,7 +235,9 @@ def observe(
         if reads.cumulative_attention:
             received = attention_received(query, cached.keys, positions, positions, attention.scaling, sliding)
         layers.append(
-            LayerObservation(
+            LayerObservation.of(
+                tracer.model,
+                index,
                 keys=cached.keys,
                 values=cached.values,
                 positions=positions.expand(*cached.keys.shape[:3]),
@@ -230,29 +246,11 @@ def observe(
                 cumulative_attention=received,
                 scaling=attention.scaling,
                 sliding_window=sliding,
-                inv_freq=rotary_frequencies(tracer.model, index),
-                output_weight=attention.o_proj.weight,
             )
         )
-    entropy = (
-        {k: v[None] for k, v in topk_entropies(tracer.model, readout.final[0], reads.top_k, chunk).items()}
-        if reads.top_k
-        else {}
-    )
-    outputs = readout.hidden[1:] if reads.hidden else None  # [layers, 1, tokens, hidden]
-    lens = {}
-    if reads.logit_lens:
-        per_layer = [lens_entropies(tracer.model, h, sorted(reads.logit_lens)) for h in outputs]
-        lens = {k: torch.stack([p[k] for p in per_layer], dim=1) for k in reads.logit_lens}
+    streams = Streams(layers=readout.hidden if reads.hidden else None, final=readout.final)
     if reads.influence and influence is None:
         influence = measured_influence(tracer, ids.tolist(), list(future), reads.influence)
     return Observation(
-        layers,
-        entropy,
-        layer_change=representation_change(readout.hidden[:-1], outputs).transpose(0, 1)
-        if reads.layer_change
-        else None,
-        final_distance=distance_to_final(outputs).transpose(0, 1) if reads.final_distance else None,
-        logit_lens=lens,
-        influence=influence if reads.influence else None,
+        layers, **stream_tables(tracer.model, reads, streams), influence=influence if reads.influence else None
     )

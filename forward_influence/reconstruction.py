@@ -21,7 +21,7 @@ opens the assistant's (`suffix`), then the chunk's tokens. The first chunk's ins
 same instructions with ``"\\n"`` as the suffix and nothing skipped.
 
 This module holds the rule and its arithmetic; running the passes over a held cache is the
-compressing runtime's (`kv_compression.reconstruction_pass`), offline and online alike.
+compressing runtime's (`kv_compression.runtime.reconstruction_pass`), offline and online alike.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def scan_divergence(
     n = len(token_ids)
     check_range(start, end, n)
     if max_distance < 1:
-        raise InputError(f"--max-distance must be at least 1, got {max_distance}")
+        raise InputError(f"max_distance must be at least 1, got {max_distance}", "max_distance")
     if clean is None:
         clean = clean_run(tracer, token_ids[: min(n, end + max_distance)], hidden=False)
     specs = [EvictionSpec((j,), j) for j in range(start, min(end, n - 1))]

@@ -30,15 +30,15 @@ def check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputError(f"--device: unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise InputError(f"device: unknown device {device!r}; use cpu, cuda, cuda:N or mps", "device") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
+        raise InputError(f"device {device}: no CUDA device is available on this machine (use cpu)", "device")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise InputError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)", "device")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
+        raise InputError(f"device {device}: MPS is not available on this machine (use cpu)", "device")
     if parsed.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device: unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+        raise InputError(f"device: unsupported device {device!r}; use cpu, cuda, cuda:N or mps", "device")
 
 
 def check_source(name: str) -> None:
@@ -48,7 +48,13 @@ def check_source(name: str) -> None:
     path = Path(name)
     if path.is_dir() and not (path / "config.json").is_file():
         raise InputError(
-            f"--model {name}: the folder holds no model (no config.json; a .gguf file is passed by its path)"
+            f"model {name}: the folder holds no model (no config.json; a .gguf file is passed by its path)", "model"
         )
     if path.is_file() and path.suffix != ".gguf":
-        raise InputError(f"--model {name}: a model file must be a .gguf file")
+        raise InputError(f"model {name}: a model file must be a .gguf file", "model")
+
+
+def model_slug(model: str) -> str:
+    """A model name made one file or folder name (``org/name`` -> ``org_name``): the name of everything
+    kept per model (calibration files, analysis caches)."""
+    return model.replace("/", "_")

@@ -13,6 +13,9 @@ Intervals of a mean (two-sided, 95% by default) respect the quantity:
 - anything else (differences, correlations, NLL changes of either sign): the Student-t interval
   (`scipy.stats.t`).
 
+A statistic of several paired samples (a ratio of means, a place between two policies) takes the
+paired percentile bootstrap (`paired_interval`), with the same resamples and seed.
+
 With fewer than two values the interval is NaN.
 """
 
@@ -67,6 +70,24 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
         ).confidence_interval
         return float(x.mean()), float(interval.low), float(interval.high)
     return student_t_ci(x, confidence)
+
+
+def paired_interval(
+    samples: Sequence[np.ndarray], statistic, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """The paired percentile-bootstrap interval of ``statistic(*samples)``, where `samples` are arrays
+    of one value per item (a document) and each resample draws the same items from all of them."""
+    interval = stats.bootstrap(
+        tuple(samples),
+        statistic,
+        paired=True,
+        vectorized=False,
+        confidence_level=confidence,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        method="percentile",
+        random_state=seed,
+    ).confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def student_t_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:

@@ -99,7 +99,7 @@ def read_traces(
     trace or an unknown essay.
     """
     if max_tokens is not None and max_tokens < 1:
-        raise InputError(f"--max-tokens must be at least 1, got {max_tokens}")
+        raise InputError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     if spec.startswith("essay:"):
         traces = [
             Trace(f"essay:{name}", tokenizer(corpus.read_essay(name)).input_ids, 0, {"essay": name})
@@ -223,7 +223,7 @@ def readout_bytes(config, tokens: int) -> int:
 
 def check_context(traces: list[Trace], model) -> None:
     """Refuse a trace longer than the model's context, or one whose readout would not fit in memory,
-    naming the ``--max-tokens`` that would fit."""
+    naming the ``max_tokens`` that would fit."""
     text = model.config.get_text_config(decoder=True)
     context = getattr(text, "max_position_embeddings", None)
     memory = _memory_bytes()
@@ -231,12 +231,14 @@ def check_context(traces: list[Trace], model) -> None:
         if context is not None and len(trace) > context:
             raise InputError(
                 f"trace {trace.id!r} has {len(trace)} tokens, more than the model's context of "
-                f"{context}; pass --max-tokens {context} (or fewer)"
+                f"{context}; pass max_tokens {context} (or fewer)",
+                "max_tokens",
             )
         if memory is not None and readout_bytes(model.config, len(trace)) > memory // 2:
             fits = memory // 2 // readout_bytes(model.config, 1)
             raise InputError(
                 f"trace {trace.id!r} has {len(trace)} tokens: reading it would need about "
                 f"{readout_bytes(model.config, len(trace)) / 2**30:.0f} GiB, more than half this "
-                f"machine's memory; pass --max-tokens {fits}"
+                f"machine's memory; pass max_tokens {fits}",
+                "max_tokens",
             )

@@ -121,7 +121,7 @@ def verification_cases(tracer: Tracer, length: int, seed: int = 0) -> list[Case]
         raise InputError(f"a trace of {length} tokens is too short to verify this model; use a longer one")
     rng = random.Random(seed)
     positions = tuple(sorted(rng.sample(range(1, oldest), k=min(3, oldest - 1))))
-    full_layers = [l for l, w in enumerate(layout.windows) if w is None]
+    full_layers = layout.full_layers
     some_layers = tuple(full_layers[:: max(1, len(full_layers) // 3)][:3])
     return [
         Case("all layers", EvictionSpec(positions, t)),

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {exc.command_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -34,7 +34,9 @@ def checked(convert: Callable[[str], object]) -> Callable[[str], object]:
     def parse_value(text: str) -> object:
         try:
             return convert(text)
-        except ValueError as exc:  # InputError included
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(exc.command_line()) from None
+        except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     parse_value.__name__ = convert.__name__

@@ -38,7 +38,7 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.head_floor is not None and not 0 <= self.head_floor <= 1:
-            raise InputError(f"--head-floor must lie in [0, 1], got {self.head_floor}")
+            raise InputError(f"head_floor must lie in [0, 1], got {self.head_floor}", "head_floor")
 
     @classmethod
     def parse(cls, text: str | float, head_floor: float | None = None) -> Budget:

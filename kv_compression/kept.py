@@ -14,6 +14,8 @@ for the tracer (measurement, `score`), and the runtime refuses per-head budgets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from forward_influence.errors import InputError
@@ -71,7 +73,7 @@ def _scored(
 ) -> tuple[list[int], list[torch.Tensor | None]]:
     """The kept tokens per layer at `budget` and the scores that choose them (`scores` unless missing or
     the policy is `budgeted`)."""
-    full = [layer for layer, view in enumerate(obs.layers) if view.sliding_window is None]
+    full = obs.full_layers
     n = obs.num_tokens(full[0]) if full else 0
     per_layer = policy.layer_budgets(budget.tokens(n), len(obs.layers))
     if scores is None or policy.budgeted:
@@ -122,12 +124,19 @@ def eviction_specs(kept: list[torch.Tensor | None], obs: Observation, time: int)
     return specs
 
 
+def mean_token_scores(scores: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """A token's score ``[tokens]`` (batch 0) from per-layer scores (`layer_scores`): the mean over the
+    compressed layers and KV heads of its finite scores, NaN where none is finite (a token the policy
+    protects, +inf, in every layer and head)."""
+    stacked = torch.stack([s[0] for s in scores if s is not None]).float()  # [layers, kv_heads, tokens]
+    return torch.where(torch.isfinite(stacked), stacked, torch.nan).nanmean(dim=(0, 1))
+
+
 def token_view(policy: Policy, obs: Observation, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token ``[tokens]`` (batch 0): the policy's score averaged over the compressed layers and KV
-    heads (+inf where it always keeps the token), and the share of those layer x head slots that keep it."""
+    heads (`mean_token_scores`; +inf where it always keeps the token), and the share of those layer x
+    head slots that keep it."""
     scores = layer_scores(policy, obs)
     kept = kept_masks(policy, obs, budget, scores)
-    layers = [layer for layer, mask in enumerate(kept) if mask is not None]
-    stacked = torch.stack([scores[layer][0] for layer in layers])  # [layers, kv_heads, tokens]
-    share = torch.stack([kept[layer][0] for layer in layers]).float().mean(dim=(0, 1))
-    return stacked.mean(dim=(0, 1)), share
+    share = torch.stack([mask[0] for mask in kept if mask is not None]).float().mean(dim=(0, 1))
+    return torch.nan_to_num(mean_token_scores(scores), nan=torch.inf), share

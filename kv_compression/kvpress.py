@@ -41,6 +41,7 @@ import torch
 from forward_influence.errors import InputError
 
 from .budget import Budget
+from .names import field_value
 from .policies import Policy
 from .runtime import CompressedCache, compressing
 
@@ -175,18 +176,10 @@ def press_class(spec: str, compression_ratio: float = SCORING_RATIO):
 
 
 def _field_value(where: str, kind: type, text: str) -> object:
-    """A press field's value from text. Every integer field of a press is a count (a window, a kernel, a
-    number of sinks), so a negative one is refused here rather than failing inside the press."""
-    if kind is bool:
-        if text.lower() not in ("true", "false"):
-            raise InputError(f"{where} must be true or false, got {text!r}")
-        return text.lower() == "true"
-    if kind not in (int, float):
-        return text
-    try:
-        value = kind(text)
-    except ValueError:
-        raise InputError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    """A press field's value from text (`kv_compression.names.field_value`). Every integer field of a
+    press is a count (a window, a kernel, a number of sinks), so a negative one is refused here rather
+    than failing inside the press."""
+    value = field_value(where, kind, text)
     if kind is int and value < 0:
         raise InputError(f"{where} must be a non-negative integer, got {value}")
     if kind is float and not math.isfinite(value):

@@ -32,21 +32,21 @@ def policy_names() -> list[str]:
     return [*POLICIES, CALIBRATED, KVPRESS]
 
 
-def _value(cls: type, field: str, text: str) -> object:
-    kind = typing.get_type_hints(cls, include_extras=True)[field]
+def field_value(where: str, kind: type, text: str) -> object:
+    """A field's value from the text of ``field=value``, converted to its type `kind` (bool: true or
+    false; int; float; ``Annotated`` types by their base; anything else stays text); `where` names the
+    field in the error."""
     base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
+    if base is bool:
+        if text.lower() not in ("true", "false"):
+            raise InputError(f"{where} must be true or false, got {text!r}")
+        return text.lower() == "true"
+    if base not in (int, float):
+        return text
     try:
-        if base is bool:
-            if text.lower() not in ("true", "false"):
-                raise ValueError
-            return text.lower() == "true"
-        if base in (int, float):
-            return base(text)
+        return base(text)
     except ValueError:
-        raise InputError(
-            f"{cls.name}: {field} must be {'true or false' if base is bool else base.__name__}, got {text!r}"
-        ) from None
-    return text
+        raise InputError(f"{where} must be {'an integer' if base is int else 'a number'}, got {text!r}") from None
 
 
 def parse(spec: str, model: str | None = None, quiet: bool = False) -> Policy:
@@ -75,7 +75,9 @@ def parse(spec: str, model: str | None = None, quiet: bool = False) -> Policy:
             raise InputError(
                 f"{spec!r}: {assignment!r} is not FIELD=VALUE with a field of {name} ({', '.join(known) or 'none'})"
             )
-        changes[field] = _value(cls, field, text)
+        changes[field] = field_value(
+            f"{cls.name}: {field}", typing.get_type_hints(cls, include_extras=True)[field], text
+        )
     policy = dataclasses.replace(base, **changes) if changes else base
     if note and not quiet:
         print(note, file=sys.stderr)

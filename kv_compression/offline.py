@@ -75,7 +75,7 @@ def set_optimum(
         raise InputError("a set search needs the tokens that follow the observed ones")
     distance = min(search.distance, len(future))
     search = replace(search, distance=distance)
-    layers = [layer for layer, view in enumerate(obs.layers) if view.sliding_window is None]
+    layers = obs.full_layers
     starts = []
     for name in search.starts:
         if name == UNIFORM:

@@ -20,6 +20,7 @@ from typing import Literal
 
 from forward_influence.errors import InputError
 from forward_influence.outputs import data_home
+from forward_influence.sources import model_slug
 
 from .policies import InfoKV, Learned
 
@@ -28,8 +29,8 @@ COMMANDS = {"calibration": "calibrate", "learned": "learn"}
 
 
 def file_name(model: str) -> str:
-    """``<model>.json`` with the model name made one file name (``org/name`` -> ``org_name``)."""
-    return f"{model.replace('/', '_')}.json"
+    """``<model>.json``, the model's name made one file name (`forward_influence.sources.model_slug`)."""
+    return f"{model_slug(model)}.json"
 
 
 def user_folder(kind: Kind = "calibration") -> Path:

@@ -20,7 +20,7 @@ from transformers import (
 from forward_influence.models import LoadedModel, load_model
 from forward_influence.tracer import Tracer
 from kv_compression.policies import POLICIES
-from kv_compression.policies.learned import SIGNALS
+from kv_compression.policies.learned import FEATURES
 
 VOCAB = 96
 
@@ -85,7 +85,7 @@ def small_policy(name: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     sizes = dict(window=4, recent=4, top_k=5, future=16, distance=8, chunk=12)
     if name == "learned":
-        sizes["weights"] = tuple(torch.linspace(-1, 1, len(SIGNALS)).tolist())
+        sizes["weights"] = tuple(torch.linspace(-1, 1, len(FEATURES)).tolist())
     if name == "criticalkv":
         sizes["inner"] = "tova"  # its inner policy takes default fields: one without a window
     return cls(**{k: v for k, v in sizes.items() if k in fields})

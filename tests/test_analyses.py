@@ -202,7 +202,7 @@ def test_compare_evicts_each_complement_and_measures_it(llama, tmp_path):
     row = frame.set_index("selection").loc["attention_h2o"]
     assert row.fi_near == pytest.approx(kl[:8].mean()) and row.fi_far == pytest.approx(kl[32:].mean())
     assert row.jaccard_attention_h2o == 1.0
-    with pytest.raises(InputError, match="--evict-at 139 is beyond trace"):
+    with pytest.raises(InputError, match="^evict_at 139 is beyond trace"):
         compare.document_frame(llama, trace, Budget(0.5), evict_at=139)
 
 
@@ -259,7 +259,7 @@ def test_evaluation_documents_are_full_length_segments_spread_over_essays():
         essay_segments(tokenizer, total + 1, 600)
 
 
-def test_far_influence_averages_chunks_per_essay_then_across_essays(tmp_path):
+def test_far_influence_averages_buckets_per_essay_then_across_essays(tmp_path):
     from analyses import far_influence
 
     g = torch.Generator().manual_seed(0)
@@ -268,21 +268,21 @@ def test_far_influence_averages_chunks_per_essay_then_across_essays(tmp_path):
     table, paired, frame = tables["far_influence"], tables["far_influence_paired"], tables["far_influence_per_document"]
     assert list(table.columns) == [
         "selection",
-        "chunk_start",
-        "chunk_end",
+        "bucket_start",
+        "bucket_end",
         "kl_mean",
         "kl_ci_low",
         "kl_ci_high",
         "n_documents",
     ]
-    assert set(table.selection) == set(far_influence.SELECTIONS) and (table.kl_ci_low >= 0).all()
-    assert table.set_index(["selection", "chunk_start"]).n_documents.loc[("random", 1)] == 3
-    assert table.set_index(["selection", "chunk_start"]).n_documents.loc[("random", 129)] == 2  # a full chunk only
-    first = frame[(frame.selection == "infokv") & (frame.chunk_start == 1)]
-    assert table.set_index(["selection", "chunk_start"]).kl_mean.loc[("infokv", 1)] == pytest.approx(first.kl.mean())
-    full = frame[(frame.chunk_start == 129) & (frame.chunk_end == 256)]  # partial chunks are left out
+    assert set(table.selection) == set(far_influence.FAR_SELECTIONS) and (table.kl_ci_low >= 0).all()
+    assert table.set_index(["selection", "bucket_start"]).n_documents.loc[("random", 1)] == 3
+    assert table.set_index(["selection", "bucket_start"]).n_documents.loc[("random", 129)] == 2  # a full bucket only
+    first = frame[(frame.selection == "infokv") & (frame.bucket_start == 1)]
+    assert table.set_index(["selection", "bucket_start"]).kl_mean.loc[("infokv", 1)] == pytest.approx(first.kl.mean())
+    full = frame[(frame.bucket_start == 129) & (frame.bucket_end == 256)]  # partial buckets are left out
     wide = full.pivot(index="document", columns="selection", values="kl")
-    row = paired[(paired.against == "attention_h2o") & (paired.chunk_start == 129)].iloc[0]
+    row = paired[(paired.against == "attention_h2o") & (paired.bucket_start == 129)].iloc[0]
     assert row.difference_mean == pytest.approx((wide.entropy_generated - wide.attention_h2o).mean())
     assert (tmp_path / "far_influence.png").is_file()
     model = tiny_model("llama")  # the named essays only, read back from the cache

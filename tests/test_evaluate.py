@@ -12,7 +12,7 @@ import torch
 from scipy import stats
 
 from analyses.evaluate import evaluate
-from analyses.tasks import Item
+from analyses.tasks import Item, Task
 from analyses.tasks.fidelity import Fidelity
 from forward_influence.errors import InputError
 
@@ -176,3 +176,33 @@ def test_merged_sweeps_equal_one_sweep_of_every_policy(tmp_path):
         merge([tmp_path / "a", tmp_path / "both"], tmp_path / "twice")
     with pytest.raises(InputError, match="no results.csv"):
         merge([tmp_path / "a", tmp_path / "nowhere"], tmp_path / "missing")
+
+
+class PlainFidelity(Task):
+    """SmallFidelity as a plain class, not a dataclass: its cache key must be written, not read off a repr."""
+
+    name, metrics, labels, prefix, continuation, far_from = "fidelity", Fidelity.metrics, Fidelity.labels, 40, 20, 10
+    capacity = Fidelity.capacity
+
+    def __init__(self, key: str | None = None):
+        self.key, self.calls = key, 0
+
+    def items(self, tokenizer, n):
+        return SmallFidelity().items(tokenizer, n)
+
+    def run(self, tracer, item, policies, budgets):
+        self.calls += 1
+        return Fidelity.run(self, tracer, item, policies, budgets)
+
+    def cache_key(self):
+        return self.key if self.key is not None else super().cache_key()
+
+
+def test_a_task_that_is_not_a_dataclass_names_its_cache_key(tmp_path):
+    loaded = tiny_model("llama")
+    with pytest.raises(TypeError, match="task 'fidelity' is not a dataclass: it must define cache_key"):
+        evaluate(loaded, [PlainFidelity()], ["snapkv"], ["0.5"], 2, tmp_path)
+    task = PlainFidelity("plain fidelity 40+20")
+    evaluate(loaded, [task], ["snapkv"], ["0.5"], 2, tmp_path)
+    evaluate(loaded, [task], ["snapkv"], ["0.5"], 2, tmp_path)
+    assert task.calls == 2  # the second sweep read both items from the cache

@@ -12,6 +12,7 @@ import torch
 # loader, never the stand-in a test below patches in while they would otherwise be imported.
 import analyses.demo  # noqa: F401
 import analyses.learned  # noqa: F401
+from forward_influence.errors import InputError
 from forward_influence_cli.main import main
 
 BAD_BEFORE_LOADING = [
@@ -106,9 +107,9 @@ BAD_BEFORE_LOADING = [
     # measurement settings
     (["influence", "essay:gap", "--fraction", "0"], "fraction must lie in (0, 1), got 0"),
     (["influence", "essay:gap", "--fraction", "nan"], "fraction must lie in (0, 1)"),
-    (["influence", "essay:gap", "--evict-at", "0"], "--evict-at 0 must be at least 4"),
-    (["influence", "essay:gap", "--evict-at", "-5"], "--evict-at -5 must be at least 4"),
-    (["influence", "essay:gap", "--evict-at", "2", "--sinks", "3"], "--evict-at 2 must be at least 3"),
+    (["influence", "essay:gap", "--evict-at", "0"], "--evict-at 0 must be at least --sinks (4)"),
+    (["influence", "essay:gap", "--evict-at", "-5"], "--evict-at -5 must be at least --sinks (4)"),
+    (["influence", "essay:gap", "--evict-at", "2", "--sinks", "3"], "--evict-at 2 must be at least --sinks (3)"),
     (["influence", "essay:gap", "--max-distance", "0"], "--max-distance: must be at least 1"),
     (["influence", "essay:gap", "--sinks", "-1"], "--sinks: must be at least 0"),
     (["influence", "essay:gap", "--buckets", "0,5"], "bucket edges must be increasing integers"),
@@ -118,10 +119,10 @@ BAD_BEFORE_LOADING = [
     (["scan", "essay:gap", "--start", "-1", "--end", "5"], "--start: must be at least 0"),
     (["scan", "essay:gap", "--start", "5", "--end", "5"], "--start 5 must be smaller than --end 5"),
     (["scan", "essay:gap", "--start", "1", "--end", "5", "--batch-size", "0"], "--batch-size: must be at least 1"),
-    (["compare", "essay:gap", "--evict-at", "1"], "--evict-at 1 must be at least 4"),
+    (["compare", "essay:gap", "--evict-at", "1"], "--evict-at 1 must be at least --sinks (4)"),
     (["compare", "essay:gap", "--budget", "0"], "budget must be positive"),
     (["heatmap", "essay:gap", "--signal", "loudness", "--out", "{tmp}/h.html"], "unknown signal 'loudness'"),
-    (["demo", "--evict-at", "0"], "--evict-at 0 must be at least 4"),
+    (["demo", "--evict-at", "0"], "--evict-at 0 must be at least --sinks (4)"),
     (["demo", "--evict-at", "5000"], "--evict-at 5000 is beyond trace"),
     (["demo", "--docs", "0"], "--docs: must be at least 1"),
     (["demo", "--fraction", "1"], "fraction must lie in (0, 1), got 1"),
@@ -410,3 +411,20 @@ def test_a_failed_demo_removes_the_fresh_folder_it_made_and_keeps_an_existing_on
     assert main(["demo", "--out", str(tmp_path / "kept")]) == 1
     assert (tmp_path / "kept" / "mine.txt").read_text() == "the user's\n"
     assert capsys.readouterr().err.count("error: RuntimeError: the run failed") == 2
+
+
+def test_library_errors_name_parameters_and_the_command_line_names_flags():
+    from forward_influence.measure import check_time
+    from forward_influence.traces import read_traces
+
+    with pytest.raises(InputError) as raised:
+        check_time(2, sinks=3)
+    assert str(raised.value) == (
+        "evict_at 2 must be at least sinks (3): the first 3 positions are attention sinks, never evicted"
+    )
+    assert raised.value.command_line() == (
+        "--evict-at 2 must be at least --sinks (3): the first 3 positions are attention sinks, never evicted"
+    )
+    with pytest.raises(InputError, match="^max_tokens must be at least 1, got 0$") as raised:
+        read_traces("essay:gap", None, max_tokens=0)
+    assert raised.value.command_line() == "--max-tokens must be at least 1, got 0"

@@ -12,7 +12,7 @@ from scipy import stats
 from analyses import learned
 from forward_influence.traces import Trace
 from kv_compression.names import parse
-from kv_compression.policies.learned import SIGNALS
+from kv_compression.policies.learned import FEATURES
 
 from conftest import VOCAB, tiny_model
 
@@ -26,7 +26,7 @@ def documents():
 def test_rows_pair_each_tokens_ranked_signals_with_its_far_influence(documents, tmp_path):
     tracer = learned.Tracer(tiny_model("llama"))
     rows = learned.document_rows(tracer, documents[0], tmp_path, prefix=100, distance=40)
-    columns = [f"{name}@{layer}" for layer in range(4) for name in SIGNALS]
+    columns = [f"{name}@{layer}" for layer in range(4) for name in FEATURES]
     assert len(rows) == 100 - learned.WINDOW and set(columns) <= set(rows.columns)
     assert rows[columns].min().min() >= 0 and rows[columns].max().max() <= 1
     scan = learned.influence_scan(tracer, documents[0].token_ids, tmp_path / "essay_d0.parquet", 100, 40)
@@ -35,17 +35,17 @@ def test_rows_pair_each_tokens_ranked_signals_with_its_far_influence(documents, 
     assert np.allclose(rows.fi_far, far[:kept])
     assert np.allclose(rows.target, (stats.rankdata(far[:kept]) - 1) / (kept - 1))
     banded = learned.design(rows, 2)  # two bands of two layers: each signal's mean over its band
-    first = SIGNALS.index("key_norm")
+    first = FEATURES.index("key_norm")
     assert np.allclose(banded[:, first], rows[["key_norm@0", "key_norm@1"]].mean(axis=1))
-    assert np.allclose(banded[:, len(SIGNALS) + first], rows[["key_norm@2", "key_norm@3"]].mean(axis=1))
+    assert np.allclose(banded[:, len(FEATURES) + first], rows[["key_norm@2", "key_norm@3"]].mean(axis=1))
 
 
 def test_training_writes_weights_the_cli_name_reads(documents, tmp_path, monkeypatch):
     monkeypatch.setenv("FORWARD_INFLUENCE_HOME", str(tmp_path))
     out = tmp_path / "learned" / "tiny-llama.json"
     content = learned.train(tiny_model("llama"), 3, out, tmp_path, False, documents, prefix=100, distance=40)
-    assert json.loads(out.read_text()) == content and content["features"] == list(SIGNALS)
-    assert content["bands"] in (1, 3, 4) and len(content["weights"]) == content["bands"] * len(SIGNALS)
+    assert json.loads(out.read_text()) == content and content["features"] == list(FEATURES)
+    assert content["bands"] in (1, 3, 4) and len(content["weights"]) == content["bands"] * len(FEATURES)
     chosen = f"bands={content['bands']},alpha={content['alpha']}"
     assert content["cross_validation"][chosen] == max(
         v for k, v in content["cross_validation"].items() if k.startswith("bands=")

@@ -280,7 +280,7 @@ def test_per_head_allocation_pools_the_layer_budget_with_a_floor(obs):
     assert any(not torch.equal(m, u) for m, u in zip(masks, uniform))
     specs = eviction_specs(masks, obs, T - 1)
     assert sum(len(s.positions) for s in specs) == 4 * 2 * T - 4 * 20
-    with pytest.raises(InputError, match=r"--head-floor must lie in \[0, 1\]"):
+    with pytest.raises(InputError, match=r"^head_floor must lie in \[0, 1\], got 1.5"):
         Budget.parse("10", head_floor=1.5)
 
 
@@ -314,14 +314,14 @@ def test_oracle_keeps_the_tokens_whose_eviction_costs_most(llama, ids):
 
 def test_learned_scores_each_token_once_from_its_bands_signals(obs):
     from kv_compression.policies import Learned
-    from kv_compression.policies.learned import SIGNALS, token_signals
+    from kv_compression.policies.learned import FEATURES, token_features
 
-    weights = torch.zeros(2, len(SIGNALS))
-    weights[0, SIGNALS.index("attention_cumulative")] = 1.0  # band 1 (layers 0-1): H2O's rank
-    weights[1, SIGNALS.index("key_norm")] = -1.0  # band 2 (layers 2-3): Knorm's rank
+    weights = torch.zeros(2, len(FEATURES))
+    weights[0, FEATURES.index("attention_cumulative")] = 1.0  # band 1 (layers 0-1): H2O's rank
+    weights[1, FEATURES.index("key_norm")] = -1.0  # band 2 (layers 2-3): Knorm's rank
     policy = Learned(bands=2, weights=tuple(weights.flatten().tolist()), intercept=0.5, window=4, sinks=2, recent=4)
-    features = token_signals(obs, 4)[0]  # [layers, tokens, signals], ranks averaged over the KV heads
-    expected = 0.5 + features[:2, :, 1].mean(dim=0) - features[2:, :, SIGNALS.index("key_norm")].mean(dim=0)
+    features = token_features(obs, 4)[0]  # [layers, tokens, signals], ranks averaged over the KV heads
+    expected = 0.5 + features[:2, :, 1].mean(dim=0) - features[2:, :, FEATURES.index("key_norm")].mean(dim=0)
     for layer in range(4):  # one score per token, the same in every layer and head
         scores = policy.score(obs, layer)
         assert torch.allclose(scores[..., 2:-4], expected[2:-4].expand(1, 2, -1), atol=1e-6)

@@ -1,20 +1,23 @@
 """Evaluation tasks by name: a registry a user extends with one file.
 
-A task is an object with a `name`, its `metrics` (with axis `labels`), `items(tokenizer, n)` (its
+A task derives from `Task`: a `name`, its `metrics` (with axis `labels`), `items(tokenizer, n)` (its
 evaluation items, a deterministic list), whether it `decodes` (a ``prompt+RATIO`` budget needs new
 tokens), `capacity(item, model)` (the most tokens an item's cache ever holds, so that a count budget
 beyond it is refused before any forward pass) and `run(tracer, item, policies, budgets)`, which returns
 one row (a dict of metrics) per policy and budget, including the full-cache reference the task compares
-against. Most tasks measure one (policy, budget) setting at a time against a reference computed once
+against; `cache_key` identifies its measurements in the per-item cache, and `plot` may draw its own
+figure. Most tasks measure one (policy, budget) setting at a time against a reference computed once
 per item: they derive from `PerSetting`, which owns that loop, and write `reference` and `measure`.
-To add a task, write ``analyses/tasks/<name>.py`` with such an object and add it to `registry` below.
+To add a task, write ``analyses/tasks/<name>.py`` with such a class and add it to `registry` below.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,20 +37,44 @@ class Item:
     meta: dict = field(default_factory=dict)
 
 
-class Task(Protocol):
+class Task:
+    """The base of every task (see the module docstring): its attributes and the methods a task writes
+    (`items`, `capacity`, `run`), with the defaults of the others."""
+
     name: str
     metrics: tuple[str, ...]
     labels: dict[str, str]  # axis label (with unit) per metric
-    decodes: bool
+    decodes: bool = False
 
-    def items(self, tokenizer, n: int) -> list[Item]: ...
+    def items(self, tokenizer, n: int) -> list[Item]:
+        raise NotImplementedError
 
-    def capacity(self, item: Item, model: str) -> int: ...
+    def capacity(self, item: Item, model: str) -> int:
+        raise NotImplementedError
 
-    def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]: ...
+    def run(self, tracer: Tracer, item: Item, policies: dict[str, Policy], budgets: Sequence[str]) -> list[dict]:
+        raise NotImplementedError
+
+    def cache_key(self) -> str:
+        """What identifies the task's measurements in the per-item cache: its name and every setting.
+        A dataclass task's repr lists them all; any other task writes its own."""
+        if not dataclasses.is_dataclass(self):
+            raise TypeError(f"task {self.name!r} is not a dataclass: it must define cache_key() (its settings)")
+        return repr(self)
+
+    def with_buffer(self, buffer: int) -> Task:
+        """The task with compression interval `buffer` if it has one (a ``buffer`` setting), else itself."""
+        if dataclasses.is_dataclass(self) and "buffer" in {f.name for f in dataclasses.fields(self)}:
+            return dataclasses.replace(self, buffer=buffer)
+        return self
+
+    def plot(self, results, title: str, path: Path) -> list[Path] | None:
+        """The task's own figure of its per-item `results`, or None for the common one
+        (`analyses.evaluate.plot_task`)."""
+        return None
 
 
-class PerSetting:
+class PerSetting(Task):
     """A task measured one (policy, budget) setting at a time against a full-cache reference."""
 
     def reference(self, tracer: Tracer, item: Item) -> Any:
@@ -82,31 +109,40 @@ def check_budgets(task: Task, items: Sequence[Item], budgets: Sequence[str], mod
             budget.check_count(task.capacity(item, model), f"{task.name} item {item.id!r}")
 
 
+def full_greedy(tracer: Tracer, ids: Sequence[int], max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
+    """The new tokens of greedy decoding from `ids` with the full cache (the reference every compressed
+    decoding is compared with): at most `max_new_tokens`, at least `min_new_tokens` (an end of sequence
+    before then is not taken)."""
+    ids = torch.as_tensor(list(ids), dtype=torch.long, device=tracer.device)[None]
+    with torch.no_grad():
+        output = tracer.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            pad_token_id=pad_token_id(tracer.tokenizer),
+        )
+    return output[0, ids.shape[1] :].tolist()
+
+
 def greedy_completion(
     tracer: Tracer, ids: torch.Tensor, policy: Policy | None, budget: Budget | None, max_new_tokens: int, buffer: int
 ) -> list[int]:
-    """The greedy answer's new tokens, with the full cache (`policy` None) or compressed at `budget`."""
-    model, pad = tracer.model, pad_token_id(tracer.tokenizer)
+    """The greedy answer's new tokens, with the full cache (`policy` None, `full_greedy`) or compressed at
+    `budget`."""
     if policy is None:
-        with torch.no_grad():
-            output = model.generate(
-                ids[None],
-                attention_mask=torch.ones_like(ids)[None],
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-            )
-    else:
-        output, _ = generate(
-            model,
-            ids,
-            policy,
-            budget,
-            buffer=buffer,
-            max_new_tokens=max_new_tokens,
-            tokenizer=tracer.tokenizer,
-            pad_token_id=pad,
-        )
+        return full_greedy(tracer, ids.tolist(), max_new_tokens)
+    output, _ = generate(
+        tracer.model,
+        ids,
+        policy,
+        budget,
+        buffer=buffer,
+        max_new_tokens=max_new_tokens,
+        tokenizer=tracer.tokenizer,
+        pad_token_id=pad_token_id(tracer.tokenizer),
+    )
     return output[0, len(ids) :].tolist()
 
 

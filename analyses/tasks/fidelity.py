@@ -38,9 +38,8 @@ from kv_compression.offline import observation
 from kv_compression.policies import Policy
 
 from ..documents import essay_segments
-from . import Item
-
-PREFIX = 1024  # tokens observed and compressed per document
+from ..protocol import CONTINUATION, PREFIX
+from . import Item, Task
 
 
 def fidelity_rows(
@@ -50,7 +49,7 @@ def fidelity_rows(
     policies: dict[str, Policy],
     budgets: Sequence[str],
     prefix: int = PREFIX,
-    continuation: int = 256,
+    continuation: int = CONTINUATION,
     far_from: int = FAR_FROM,
     influence: torch.Tensor | None = None,
     obs: Observation | None = None,
@@ -94,11 +93,11 @@ def fidelity_rows(
 
 
 @dataclass
-class Fidelity:
+class Fidelity(Task):
     """The long-prefill task (see the module docstring)."""
 
     prefix: int = PREFIX
-    continuation: int = 256
+    continuation: int = CONTINUATION
     far_from: int = FAR_FROM
     name: str = "fidelity"
     decodes = False

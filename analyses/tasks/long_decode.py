@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -51,7 +51,7 @@ from forward_influence import corpus
 from forward_influence.generate import read_problems
 from forward_influence.influence import clean_run
 from forward_influence.logits import kl_and_agreement
-from forward_influence.models import LoadedModel, pad_token_id
+from forward_influence.models import LoadedModel
 from forward_influence.outputs import atomic_open, data_home
 from forward_influence.tracer import Tracer
 from forward_influence.traces import chat_ids, read_traces
@@ -60,7 +60,7 @@ from kv_compression.policies import Policy
 from kv_compression.runtime import greedy_agreement, teacher_forced
 
 from ..plotting import distinct_palette, save_figure, theme
-from . import Item, PerSetting
+from . import Item, PerSetting, full_greedy
 from .reasoning import PROBLEMS
 
 REASONING_INSTRUCTION = (
@@ -219,14 +219,12 @@ class LongDecode(PerSetting):
     name: str = "long-decode"
     decodes = True
     metrics: tuple[str, ...] = ("kl", "nll_increase", "top1_agreement", "agreement_tokens")
-    labels: dict = field(
-        default_factory=lambda: {
-            "kl": "KL(full || compressed) (nats / token)",
-            "nll_increase": "NLL increase (nats / token)",
-            "top1_agreement": "top-1 agreement (share)",
-            "agreement_tokens": "greedy tokens before the first divergence",
-        }
-    )
+    labels = {
+        "kl": "KL(full || compressed) (nats / token)",
+        "nll_increase": "NLL increase (nats / token)",
+        "top1_agreement": "top-1 agreement (share)",
+        "agreement_tokens": "greedy tokens before the first divergence",
+    }
 
     def items(self, tokenizer, n: int) -> list[Item]:
         return [
@@ -261,7 +259,7 @@ class LongDecode(PerSetting):
         generated = record["generated_ids"]
         clean = clean_run(tracer, item.token_ids + generated, hidden=False)
         branches = {
-            point: _greedy(tracer, item.token_ids + generated[:point], self.horizon)
+            point: full_greedy(tracer, item.token_ids + generated[:point], self.horizon, self.horizon)
             for point in self.branch_points(len(generated))
         }
         return Reference(generated, clean, branches, record["repeated_4grams"])
@@ -336,17 +334,3 @@ class LongDecode(PerSetting):
             ax.set_ylabel(self.labels[metric])
         grid.figure.suptitle(title, fontsize=10, y=1.02)
         return save_figure(grid.figure, path)
-
-
-def _greedy(tracer: Tracer, ids: list[int], steps: int) -> list[int]:
-    """The full cache's greedy continuation of `ids`: `steps` tokens."""
-    with torch.no_grad():
-        out = tracer.model.generate(
-            torch.tensor([ids], device=tracer.device),
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            pad_token_id=pad_token_id(tracer.tokenizer),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=tracer.device),
-        )
-    return out[0, len(ids) :].tolist()

@@ -5,7 +5,7 @@ from typing import Literal
 
 import torch
 
-from forward_influence.defaults import SINKS, TOP_K, WINDOW
+from forward_influence.defaults import RECENT, SINKS, TOP_K
 from forward_influence.observation import Observation, Reads
 
 from .base import Count, Policy, protect
@@ -28,7 +28,7 @@ class Entropy(Policy):
     top_k: Count = TOP_K
     alignment: Alignment = "next"
     sinks: int = SINKS
-    recent: int = WINDOW
+    recent: int = RECENT
 
     def reads(self) -> Reads:
         return Reads(top_k=frozenset({self.top_k}))

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forward_influence.defaults import SINKS, WINDOW
+from forward_influence.defaults import RECENT, SINKS
 from forward_influence.observation import Observation, Reads
 
 from .base import Policy, protect
@@ -22,7 +22,7 @@ class Evolution(Policy):
     name = "evolution"
     per_layer: bool = False
     sinks: int = SINKS
-    recent: int = WINDOW
+    recent: int = RECENT
 
     def reads(self) -> Reads:
         return Reads(layer_change=True)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forward_influence.defaults import WINDOW
+from forward_influence.defaults import RECENT
 from forward_influence.observation import Observation, Reads
 
 from .base import GroupReduce, Policy, group_reduce, protect
@@ -20,7 +20,7 @@ class H2O(Policy):
     """
 
     name = "h2o"
-    recent: int = WINDOW
+    recent: int = RECENT
     group: GroupReduce = "mean"
 
     def reads(self) -> Reads:

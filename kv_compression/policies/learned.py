@@ -4,14 +4,14 @@ from dataclasses import dataclass
 
 import torch
 
-from forward_influence.defaults import SINKS, WINDOW
+from forward_influence.defaults import RECENT, SINKS, WINDOW
 from forward_influence.errors import InputError
 from forward_influence.observation import Observation, Reads
 
 from .base import Count, Policy, group_reduce, normalise, protect
 
 TOP_KS = (10, 256)
-SIGNALS = (
+FEATURES = (
     "attention_window",
     "attention_cumulative",
     "attention_per_query",
@@ -29,8 +29,8 @@ SIGNALS = (
 )
 
 
-def signals(obs: Observation, layer: int, window: int = WINDOW) -> torch.Tensor:
-    """The online signals of every cached token of `layer`: ``[batch, kv_heads, tokens, len(SIGNALS)]``.
+def features(obs: Observation, layer: int, window: int = WINDOW) -> torch.Tensor:
+    """The online signals of every cached token of `layer`: ``[batch, kv_heads, tokens, len(FEATURES)]``.
 
     attention_window: attention from the last `window` queries, mean over them and over each KV group;
     attention_cumulative: attention received from every query so far (H2O), mean over each group;
@@ -72,22 +72,18 @@ def ranked(values: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(ranks, nan=0.5)
 
 
-def full_layers(obs: Observation) -> list[int]:
-    return [layer for layer, view in enumerate(obs.layers) if view.sliding_window is None]
-
-
 def band(index: int, count: int, bands: int) -> int:
     """The band of the `index`-th of `count` full-attention layers: ``bands`` equal slices of them."""
     return min(bands - 1, index * bands // count)
 
 
-def token_signals(obs: Observation, window: int = WINDOW) -> torch.Tensor:
+def token_features(obs: Observation, window: int = WINDOW) -> torch.Tensor:
     """The ranked signals of every token seen, per full-attention layer, averaged over the layer's KV
-    heads: ``[batch, full layers, seen, len(SIGNALS)]`` (NaN for a token no head of the layer holds)."""
+    heads: ``[batch, full layers, seen, len(FEATURES)]`` (NaN for a token no head of the layer holds)."""
     seen = max(t.shape[-1] for t in obs.entropy_next.values())
     tables = []
-    for layer in full_layers(obs):
-        values = ranked(signals(obs, layer, window))  # [batch, kv_heads, tokens, signals]
+    for layer in obs.full_layers:
+        values = ranked(features(obs, layer, window))  # [batch, kv_heads, tokens, features]
         positions = obs.layers[layer].positions
         batch, heads, tokens, count = values.shape
         index = positions.reshape(batch, heads * tokens, 1).expand(-1, -1, count)
@@ -105,10 +101,10 @@ def token_signals(obs: Observation, window: int = WINDOW) -> torch.Tensor:
 class Learned(Policy):
     """A linear score fitted to measured Forward Influence (``forward-influence learn``).
 
-    Each token is described by the online signals of `SIGNALS` (`signals`: window, cumulative and
+    Each token is described by the online signals of `FEATURES` (`features`: window, cumulative and
     per-query attention, top-k entropies at k = 10 and 256 in both alignments, both representation
     changes, key and value norms, relative position, key redundancy), each ranked among a layer's cached
-    tokens per KV head, scaled to [0, 1] and averaged over the heads (`token_signals`); the full-attention
+    tokens per KV head, scaled to [0, 1] and averaged over the heads (`token_features`); the full-attention
     layers are cut into `bands` equal slices, whose rank averages are the features. The score is
     ``intercept + sum_b w_b . features_b``, `weights` holding the bands' vectors one after the other: a
     ridge regression of each token's rank of far Forward Influence (mean KL at distances 33-64, the
@@ -128,12 +124,14 @@ class Learned(Policy):
     intercept: float = 0.0
     window: Count = WINDOW
     sinks: int = SINKS
-    recent: int = WINDOW
+    recent: int = RECENT
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.weights and len(self.weights) != self.bands * len(SIGNALS):
-            raise InputError(f"learned: {len(self.weights)} weights for {self.bands} band(s) of {len(SIGNALS)} signals")
+        if self.weights and len(self.weights) != self.bands * len(FEATURES):
+            raise InputError(
+                f"learned: {len(self.weights)} weights for {self.bands} band(s) of {len(FEATURES)} signals"
+            )
 
     def reads(self) -> Reads:
         return Reads(
@@ -153,12 +151,12 @@ class Learned(Policy):
                     "learned: no weights; build it with kv_compression.tuned.learned(model) or "
                     "`forward-influence learn`"
                 )
-            features = token_signals(obs, self.window)  # [batch, layers, seen, signals]
-            count = features.shape[1]
-            which = torch.tensor([band(i, count, self.bands) for i in range(count)], device=features.device)
-            weights = torch.tensor(self.weights, dtype=torch.float32, device=features.device)
-            weights = weights.reshape(self.bands, len(SIGNALS))
-            banded = torch.stack([features[:, which == b].nanmean(dim=1) for b in range(self.bands)], dim=1)
+            table = token_features(obs, self.window)  # [batch, layers, seen, features]
+            count = table.shape[1]
+            which = torch.tensor([band(i, count, self.bands) for i in range(count)], device=table.device)
+            weights = torch.tensor(self.weights, dtype=torch.float32, device=table.device)
+            weights = weights.reshape(self.bands, len(FEATURES))
+            banded = torch.stack([table[:, which == b].nanmean(dim=1) for b in range(self.bands)], dim=1)
             obs.derived[key] = torch.einsum("bksf,kf->bs", torch.nan_to_num(banded, nan=0.5), weights) + self.intercept
         return obs.derived[key]
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forward_influence.defaults import SINKS, WINDOW
+from forward_influence.defaults import RECENT, SINKS
 from forward_influence.observation import Observation
 
 from .base import Policy, protect
@@ -23,7 +23,7 @@ class Random(Policy):
     name = "random"
     seed: int = 0
     sinks: int = SINKS
-    recent: int = WINDOW
+    recent: int = RECENT
 
     def score(self, obs: Observation, layer: int) -> torch.Tensor:
         keys = obs.layers[layer].keys

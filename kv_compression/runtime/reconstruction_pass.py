@@ -31,7 +31,7 @@ from forward_influence.reconstruction import (
 )
 
 if TYPE_CHECKING:
-    from .runtime import CompressedCache
+    from .cache import CompressedCache
 
 _NAME = "kv_compression_reconstruction_{}"
 _STATE = "_kv_compression_reconstruction"
