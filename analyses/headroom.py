@@ -19,6 +19,8 @@ The oracle's rows are cached per document under ``<out>/cache/<model>/headroom/`
 documents measures only the new ones.
 
     python -m analyses.headroom data/results/smollm2-135m-instruct/fidelity/results.csv --docs 16
+
+(``--rows FILE`` rebuilds the tables from the `oracle.csv` of an earlier run, measuring nothing.)
 """
 
 from __future__ import annotations
@@ -220,9 +222,20 @@ def fidelity_results(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fidelity_options(parser, "the oracle")
+    parser.add_argument(
+        "--rows",
+        type=Path,
+        default=None,
+        help="the oracle.csv of an earlier run: rebuild its tables, measuring nothing",
+    )
     args = parser.parse_args(argv)
     out, results = fidelity_results(parser, args)
-    oracle = oracle_rows(load_model(args.model), args.docs, sorted(results.budget.unique()), out)
+    if args.rows is not None:
+        if not args.rows.is_file():
+            parser.error(f"--rows: no such file: {args.rows}")
+        oracle = pd.read_csv(args.rows, dtype={"item": str, "budget": str})
+    else:
+        oracle = oracle_rows(load_model(args.model), args.docs, sorted(results.budget.unique()), out)
     table = headroom(results, oracle)
     write_table(oracle, out / "oracle.csv")
     write_table(table, out / "headroom.csv")
