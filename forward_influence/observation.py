@@ -58,6 +58,7 @@ class Reads:
 
     window: the recent queries a policy scores from (the observation keeps at least `QUERY_WINDOW`).
     top_k: the k of each top-k entropy it reads.
+    entropy_full: the full-vocabulary entropy of each position's next-token distribution.
     cumulative_attention: the attention each key has received from every query so far.
     layer_change: ``1 - cos`` of each token's residual stream across each layer.
     final_distance: ``1 - cos`` between each token's stream after each layer and after the last one.
@@ -77,6 +78,7 @@ class Reads:
 
     window: int = _read(0, max)
     top_k: frozenset[int] = _read(frozenset(), _union)
+    entropy_full: bool = _read(False, _union)
     cumulative_attention: bool = _read(False, _union)
     layer_change: bool = _read(False, _union)
     final_distance: bool = _read(False, _union)
@@ -133,7 +135,8 @@ class Observation:
     """The cache as policies see it: per-layer views plus per-token signals by original position.
 
     entropy_next[k][:, p] is the top-k entropy of the distribution at position p (predicting p+1);
-    `entropy` also gives the generated alignment. layer_change[:, l, p] is ``1 - cos`` of token p across
+    `entropy` also gives the generated alignment; entropy_full[:, p] is the full-vocabulary entropy
+    there. layer_change[:, l, p] is ``1 - cos`` of token p across
     layer l, final_distance[:, l, p] the cosine distance of its stream after layer l to its stream after
     the last layer, logit_lens[k][:, l, p] the top-k entropy of the logit lens after layer l,
     influence[:, p] the measured Forward Influence of token p evicted alone now, press_scores[press]
@@ -146,6 +149,7 @@ class Observation:
 
     layers: list[LayerObservation]
     entropy_next: dict[int, torch.Tensor] = field(default_factory=dict)
+    entropy_full: torch.Tensor | None = None
     layer_change: torch.Tensor | None = None
     final_distance: torch.Tensor | None = None
     logit_lens: dict[int, torch.Tensor] = field(default_factory=dict)

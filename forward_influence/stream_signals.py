@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from .logits import topk_entropies
+from .logits import entropies, topk_entropies
 from .signals import distance_to_final, representation_change
 
 Table = torch.Tensor | dict[int, torch.Tensor]
@@ -64,6 +64,10 @@ def _entropy_next(model, streams: Streams, ks) -> dict[int, torch.Tensor]:
     return {k: v[None] for k, v in topk_entropies(model, streams.final[0].float(), ks).items()}
 
 
+def _entropy_full(model, streams: Streams, asked) -> torch.Tensor:
+    return entropies(model, streams.final[0].float(), top_k=1)[1][None]
+
+
 def _layer_change(model, streams: Streams, asked) -> torch.Tensor:
     pairs = zip(streams.layers[:-1], streams.layers[1:])
     return torch.stack([representation_change(before, after) for before, after in pairs], dim=1)
@@ -80,6 +84,7 @@ def _logit_lens(model, streams: Streams, ks) -> dict[int, torch.Tensor]:
 
 STREAM_SIGNALS = (
     StreamSignal("top_k", "entropy_next", "final", _entropy_next),
+    StreamSignal("entropy_full", "entropy_full", "final", _entropy_full),
     StreamSignal("layer_change", "layer_change", "layers", _layer_change),
     StreamSignal("final_distance", "final_distance", "layers", _final_distance),
     StreamSignal("logit_lens", "logit_lens", "layers", _logit_lens),
