@@ -72,6 +72,7 @@ bench: setup
 	$(BIN)/python analyses/benchmarks/bench_tracer.py --quick
 	$(BIN)/python analyses/benchmarks/bench_compression.py --quick
 	$(BIN)/python analyses/benchmarks/bench_long_decode.py --quick
+	$(BIN)/python analyses/benchmarks/bench_scale.py --quick
 
 clean:
 	rm -rf $(VENV) $(KVPRESS_VENV) dist

@@ -1,22 +1,23 @@
 """Memory: the peak a traced run needs on its device, estimated from the model's configuration alone.
 
-A run that replays evictions holds at its peak (bytes, for `tokens` per trace):
+Two kinds of run, over traces of `tokens` tokens (bytes; ``size`` is the dtype's):
 
-- the weights: the parameter count of the configuration times the bytes of the dtype;
-- the cache: the clean prefix's keys and values, ``2 x layers x kv_heads x head_dim x tokens``, held
-  once and materialised once per row of a batched pass (`tracer.expand_cache`), so ``batch_size + 1``
-  times;
-- the masks: one additive ``[batch, 1, queries, tokens]`` mask per kind of layer (full attention, and
-  the sliding window where the model has one), in the dtype;
-- the activations of one pass: per row, the float32 residual stream of every layer and the queries of
-  the `chunk` query positions it runs at once (the whole suffix without a chunk), their attention
-  scores over every key (float32, per query head: the part that grows with the square of the length
-  unless a chunk bounds it) and the logits of the chunk.
+- a ``readout`` (the signals of `score`, `heatmap`, an observation): the weights; the cache,
+  ``2 x layers x kv_heads x head_dim x tokens x size``; the float32 residual stream of every layer and
+  every layer's queries; the logits of one chunk of positions; and, when it reads attention, one
+  layer's attention probabilities ``[heads, tokens, tokens]`` in float32 (the part that grows with
+  the square of the length);
+- a ``replay`` of evictions (`influence`, `scan`): the weights; the clean prefix's cache held once
+  and materialised once per row of a batch (`tracer.expand_cache`), ``batch_size + 1`` times; one
+  additive ``[batch, 1, queries, tokens]`` mask per kind of layer (full attention, and the sliding
+  window where the model has one) in the dtype, for the `chunk` query positions a pass runs at once
+  (all of them without a chunk: the square again); per row, the float32 residual streams and the
+  logits of those queries.
 
-The estimate errs high (every term at its largest at once); `check_fits` refuses a run whose estimate
-exceeds the memory the device has, before any weight loads, and names the option that would make it
-fit. `FORWARD_INFLUENCE_MEMORY` (bytes, or with a unit: ``512MiB``, ``16GB``) overrides the device's
-memory, for a machine shared with other work.
+The estimate errs high (every term at its largest at once). `check_fits` refuses, before any weight
+loads, a run whose estimate exceeds the device's memory, naming the option that would make it fit.
+`FORWARD_INFLUENCE_MEMORY` (bytes, or with a unit: ``512MiB``, ``16GB``) sets the memory to plan for,
+for a machine shared with other work.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import InputError
+from .logits import DEFAULT_CHUNK
 
 MEMORY_VARIABLE = "FORWARD_INFLUENCE_MEMORY"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOAT32 = 4
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+Run = Literal["readout", "replay"]
 
 
 @dataclass(frozen=True)
@@ -66,9 +72,16 @@ class Shape:
     @property
     def parameters(self) -> int:
         """Embeddings (and an untied output head), attention and gated MLP per layer; norms are negligible."""
-        attention = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
-        mlp = 3 * self.hidden * self.intermediate
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * (attention + mlp)
+        attention = (
+            self.heads + 2 * self.kv_heads
+        ) * self.head_dim * self.hidden + self.heads * self.head_dim * self.hidden
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * (
+            attention + 3 * self.hidden * self.intermediate
+        )
+
+    def cache_bytes(self, tokens: int, size: int) -> int:
+        """Keys and values of `tokens` tokens in every layer."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * tokens * size
 
 
 @dataclass(frozen=True)
@@ -85,17 +98,32 @@ class Peak:
         return self.weights + self.cache + self.masks + self.activations
 
 
-def estimate(config, tokens: int, dtype: str = "float32", batch_size: int = 1, chunk: int | None = None) -> Peak:
-    """The peak of a run over traces of `tokens` tokens replaying `batch_size` rows at a time, each pass
-    `chunk` query positions at a time (None: all of them), in `dtype` (see the module docstring)."""
+def estimate(
+    config,
+    tokens: int,
+    run: Run = "readout",
+    dtype: str = "float32",
+    batch_size: int = 1,
+    chunk: int | None = None,
+    attention: bool = True,
+) -> Peak:
+    """The peak of a `run` over traces of `tokens` tokens (see the module docstring): a replay of
+    `batch_size` rows at a time, `chunk` query positions per pass (None: all); a readout that reads
+    attention probabilities when `attention`."""
     shape, size = Shape.of(config), DTYPE_BYTES[dtype]
+    weights = shape.parameters * size
+    streams = (shape.layers + 1) * shape.hidden
+    if run == "readout":
+        activations = FLOAT32 * (
+            tokens * (streams + shape.layers * shape.heads * shape.head_dim)
+            + min(tokens, DEFAULT_CHUNK) * shape.vocab
+            + (shape.heads * tokens * tokens if attention else 0)
+        )
+        return Peak(weights, shape.cache_bytes(tokens, size), 0, activations)
     queries = min(chunk or tokens, tokens)
-    cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * size * (batch_size + 1)
     masks = batch_size * queries * tokens * size * (2 if shape.sliding else 1)
-    per_row = 4 * queries * (
-        (shape.layers + 1) * shape.hidden + shape.layers * shape.heads * shape.head_dim + shape.heads * tokens + shape.vocab
-    )
-    return Peak(shape.parameters * size, cache, masks, batch_size * per_row)
+    activations = batch_size * FLOAT32 * queries * (streams + shape.vocab)
+    return Peak(weights, shape.cache_bytes(tokens, size) * (batch_size + 1), masks, activations)
 
 
 def parse_bytes(text: str) -> int:
@@ -128,25 +156,30 @@ def _gib(n: int) -> str:
 def check_fits(
     config,
     tokens: int,
+    run: Run = "readout",
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 1,
     chunk: int | None = None,
-    options: tuple[str, ...] = ("chunk", "batch_size", "max_tokens"),
+    options: tuple[str, ...] = ("max_tokens",),
 ) -> Peak:
-    """The estimated `Peak` of the run, or an `InputError` when it exceeds the device's memory, naming
-    the first of `options` (the run's parameters that bound memory, in the order to try them) whose
-    smaller value would fit: the largest such value, a power of two, or the largest fitting length."""
-    peak, memory = estimate(config, tokens, dtype, batch_size, chunk), device_memory(device)
-    if memory is None or peak.total <= memory:
-        return peak
-    where = f"a run over {tokens} tokens needs about {_gib(peak.total)}, more than the {_gib(memory)} of {device}"
+    """The estimated `Peak` of the run (`estimate`), or an `InputError` when it exceeds the device's
+    memory, naming the first of `options` (the run's parameters that bound its memory, among
+    ``chunk``, ``batch_size`` and ``max_tokens``, in the order to try them) and the largest value of it,
+    halving from the current one, whose estimate fits."""
     settings = dict(chunk=chunk or tokens, batch_size=batch_size, max_tokens=tokens)
+
+    def peak(values: dict[str, int]) -> Peak:
+        return estimate(config, values["max_tokens"], run, dtype, values["batch_size"], values["chunk"])
+
+    needed, memory = peak(settings), device_memory(device)
+    if memory is None or needed.total <= memory:
+        return needed
+    where = f"{tokens} tokens need about {_gib(needed.total)}, more than the {_gib(memory)} of {device}"
     for option in options:
         value = settings[option] // 2
         while value >= 1:
-            trial = {**settings, option: value}
-            if estimate(config, trial["max_tokens"], dtype, trial["batch_size"], trial["chunk"]).total <= memory:
+            if peak({**settings, option: value}).total <= memory:
                 raise InputError(f"{where}; pass {option} {value}", option)
             value //= 2
-    raise InputError(f"{where}, even one token at a time: the weights alone take {_gib(peak.weights)}")
+    raise InputError(f"{where}, and the weights alone take {_gib(needed.weights)}")

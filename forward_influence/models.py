@@ -8,6 +8,10 @@
   (sliding-window and global layers, q/k norms),
 - a path to a ``.gguf`` file, a local model folder, or any Hugging Face model id (for users who have a hub).
 
+`random_model(config)` builds a model of any architecture from a configuration file alone, with
+random weights: nothing is downloaded, and its time and memory are exactly those of the real model
+(the benchmarks measure the paper's model sizes this way).
+
 GGUF weights are dequantised to `dtype` on load (15-50 s on a CPU), so a loaded model is cached per
 process by its arguments. `trust_remote_code` is never enabled.
 """
@@ -15,16 +19,27 @@ process by its arguments. `trust_remote_code` is never enabled.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib.util
 import inspect
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from .errors import InputError
 from .sources import DEFAULT_MODEL, DTYPE_NAMES, EMBEDDED_MODELS, check_device, check_source
@@ -84,6 +99,40 @@ def _gguf_location(name: str) -> tuple[str, str] | None:
     return None
 
 
+def _loading(name: str) -> contextlib.AbstractContextManager:
+    """Turn a failure to read `name` into an `InputError` saying why."""
+
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
+        try:
+            yield
+        except (OSError, ValueError) as exc:
+            if os.path.exists(name):
+                reason = " ".join(str(exc).split())  # the whole message on one line, never cut
+                raise InputError(f"cannot load a model from {name}: {reason}") from exc
+            raise InputError(
+                f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+                "a .gguf file, a local folder or a reachable hub id"
+            ) from exc
+
+    return guard()
+
+
+@functools.lru_cache(maxsize=4)
+def load_parts(name: str = DEFAULT_MODEL) -> tuple[PreTrainedTokenizerBase, PreTrainedConfig]:
+    """The tokenizer and the configuration of model `name` (see `load_model`), without its weights:
+    enough to read traces and to estimate a run's memory (`forward_influence.memory`) before loading."""
+    check_source(name)
+    gguf = _gguf_location(name)
+    with _loading(name):
+        if gguf is not None:
+            folder, file = gguf
+            return AutoTokenizer.from_pretrained(folder, gguf_file=file), AutoConfig.from_pretrained(
+                folder, gguf_file=file
+            )
+        return AutoTokenizer.from_pretrained(name), AutoConfig.from_pretrained(name)
+
+
 @functools.lru_cache(maxsize=4)
 def load_model(
     name: str = DEFAULT_MODEL,
@@ -108,28 +157,53 @@ def load_model(
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)
-    check_source(name)
-    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    tokenizer, config = load_parts(name)
+    # A copy: loading sets the dtype and attention implementation on the configuration it is given.
+    kwargs = dict(config=copy.deepcopy(config), dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     gguf = _gguf_location(name)
-    try:
+    with _loading(name):
         if gguf is not None:
             folder, file = gguf
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
-        if os.path.exists(name):
-            reason = " ".join(str(exc).split())  # the whole message on one line, never cut
-            raise InputError(f"cannot load a model from {name}: {reason}") from exc
-        raise InputError(
-            f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
-            "a .gguf file, a local folder or a reachable hub id"
-        ) from exc
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def read_config(path: str | Path) -> PreTrainedConfig:
+    """The transformers configuration in a JSON file (a ``config.json``, or any file of its fields with
+    ``model_type``)."""
+    try:
+        fields = json.loads(Path(path).read_text())
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"config {path}: not a model configuration ({' '.join(str(exc).split())})") from None
+
+
+def word_tokenizer(size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words ``w0 .. w<size - 1>``, word i being token i (unknown words
+    map to w0): what a model without a tokenizer of its own is traced with."""
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+
+
+def random_model(path: str | Path, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
+    """The model of the configuration file `path` (`read_config`) with random weights (seeded), built on
+    `device` in `dtype`, in eval mode and frozen, with a `word_tokenizer` of its vocabulary (feed it
+    token ids)."""
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_device(device)
+    config = read_config(path)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    vocab = config.get_text_config(decoder=True).vocab_size
+    return LoadedModel(model=model, tokenizer=word_tokenizer(vocab), name=Path(path).stem)
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -15,7 +15,6 @@ embedded SmolLM2 GGUF tokenizer adds no BOS to plain text).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,42 +202,14 @@ def check_text(text: str, where: str, jsonl: bool | None = None, name: str = "st
                 _check_record(record, f"{where} line {number}")
 
 
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def readout_bytes(config, tokens: int) -> int:
-    """About the float32 bytes a traced readout of `tokens` tokens holds at once: the residual stream
-    of every layer, every layer's queries, and the cached keys and values."""
-    text = config.get_text_config(decoder=True)
-    layers, hidden = text.num_hidden_layers, text.hidden_size
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    return 4 * tokens * ((layers + 1) * hidden + layers * heads * head_dim + 2 * layers * kv_heads * head_dim)
-
-
-def check_context(traces: list[Trace], model) -> None:
-    """Refuse a trace longer than the model's context, or one whose readout would not fit in memory,
-    naming the ``max_tokens`` that would fit."""
-    text = model.config.get_text_config(decoder=True)
-    context = getattr(text, "max_position_embeddings", None)
-    memory = _memory_bytes()
+def check_context(traces: list[Trace], config) -> None:
+    """Refuse a trace longer than the context of the model of `config` (its transformers configuration),
+    naming the ``max_tokens`` that would fit; the memory a run needs is `forward_influence.memory`'s."""
+    context = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     for trace in traces:
         if context is not None and len(trace) > context:
             raise InputError(
                 f"trace {trace.id!r} has {len(trace)} tokens, more than the model's context of "
                 f"{context}; pass max_tokens {context} (or fewer)",
-                "max_tokens",
-            )
-        if memory is not None and readout_bytes(model.config, len(trace)) > memory // 2:
-            fits = memory // 2 // readout_bytes(model.config, 1)
-            raise InputError(
-                f"trace {trace.id!r} has {len(trace)} tokens: reading it would need about "
-                f"{readout_bytes(model.config, len(trace)) / 2**30:.0f} GiB, more than half this "
-                f"machine's memory; pass max_tokens {fits}",
                 "max_tokens",
             )

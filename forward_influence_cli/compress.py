@@ -72,7 +72,7 @@ def generate(args: argparse.Namespace) -> None:
     loaded = options.loaded_model(args)
     if args.trace is not None:
         traces = read_traces(args.trace, loaded.tokenizer, args.max_tokens)
-        check_context(traces, loaded.model)
+        check_context(traces, loaded.model.config)
         ids = traces[0].token_ids
     else:
         ids, _ = chat_ids(loaded.tokenizer, args.prompt, "")

@@ -79,7 +79,7 @@ def compare(args: argparse.Namespace) -> None:
 
     outputs.check_folder(args.out)
     options.check_evict_at(args.evict_at)
-    tracer, traces = options.tracer_and_traces(args)
+    tracer, traces = options.tracer_and_traces(args, run="replay")
     table, _ = run_compare(tracer, traces, args.budget, args.out, args.evict_at, model=args.model)
     with pd.option_context("display.max_rows", None, "display.width", 250, "display.float_format", "{:.3g}".format):
         print(display_table(table).to_string(index=False))

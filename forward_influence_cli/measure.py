@@ -189,7 +189,7 @@ def influence(args: argparse.Namespace) -> None:
     outputs.check_file(args.out)
     outputs.check_file(args.per_distance, option="--per-distance")
     options.check_evict_at(args.evict_at, args.sinks)
-    tracer, traces = options.tracer_and_traces(args)
+    tracer, traces = options.tracer_and_traces(args, run="replay")
     for option, values, count in (
         ("--layers", args.layers, tracer.layout.num_layers),
         ("--heads", args.heads, tracer.layout.num_kv_heads),
@@ -226,7 +226,7 @@ def scan(args: argparse.Namespace) -> None:
     if args.time is not None and not args.start <= args.time:
         raise InputError(f"--time {args.time} comes before --start {args.start}: no scanned token is cached then")
     outputs.check_file(args.out)
-    tracer, traces = options.tracer_and_traces(args)
+    tracer, traces = options.tracer_and_traces(args, run="replay")
     frames = []
     for trace in traces:
         time = args.time

@@ -264,8 +264,13 @@ def loaded_model(args: argparse.Namespace):
     return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
-def tracer_and_traces(args: argparse.Namespace):
-    """The tracer of ``--model`` and the traces of the positional trace, checked against the model."""
+def tracer_and_traces(args: argparse.Namespace, run: str = "readout"):
+    """The tracer of ``--model`` and the traces of the positional trace, checked before the model's
+    weights load against its context and against the memory the `run` needs on ``--device``
+    (`forward_influence.memory`; a ``replay`` of evictions, ``--batch-size`` rows at a time, or a
+    signal ``readout``)."""
+    from forward_influence.memory import check_fits
+    from forward_influence.models import load_parts
     from forward_influence.tracer import Tracer
     from forward_influence.traces import check_context, check_text, read_stdin, read_traces
 
@@ -273,7 +278,17 @@ def tracer_and_traces(args: argparse.Namespace):
     if args.trace == "-":  # read and checked before the model loads: stdin can be read only once
         stdin_text = read_stdin()
         check_text(stdin_text, "stdin")
-    loaded = loaded_model(args)
-    traces = read_traces(args.trace, loaded.tokenizer, args.max_tokens, stdin_text=stdin_text)
-    check_context(traces, loaded.model)
-    return Tracer(loaded), traces
+    tokenizer, config = load_parts(args.model)
+    traces = read_traces(args.trace, tokenizer, args.max_tokens, stdin_text=stdin_text)
+    check_context(traces, config)
+    batched = hasattr(args, "batch_size")
+    check_fits(
+        config,
+        max(len(trace) for trace in traces),
+        run,
+        args.device,
+        args.dtype,
+        batch_size=args.batch_size if batched else 1,
+        options=("batch_size", "max_tokens") if batched else ("max_tokens",),
+    )
+    return Tracer(loaded_model(args)), traces

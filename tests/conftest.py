@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -17,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from forward_influence.models import LoadedModel, load_model
+from forward_influence.models import LoadedModel, load_model, word_tokenizer
 from forward_influence.tracer import Tracer
 from kv_compression.policies import POLICIES
 from kv_compression.policies.learned import FEATURES
@@ -27,10 +26,7 @@ VOCAB = 96
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over ``w0 .. w95`` (unknown words map to w0)."""
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+    return word_tokenizer(VOCAB)
 
 
 def tiny_model(kind: str) -> LoadedModel:

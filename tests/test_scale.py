@@ -1,0 +1,83 @@
+"""The cost of scale: the memory guard refuses what cannot fit before any weight loads, and the scaling
+benchmark runs on a model built from a configuration file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from forward_influence.errors import InputError
+from forward_influence.memory import MEMORY_VARIABLE, Shape, check_fits, estimate, parse_bytes
+from forward_influence.models import random_model, read_config
+from forward_influence_cli.main import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "analyses" / "benchmarks" / "configs"
+
+
+@pytest.mark.parametrize(
+    "name, billions", [("llama-3.1-8b", 8.03), ("llama-3.2-3b", 3.21), ("qwen2.5-7b", 7.62), ("gemma-3-4b", 3.88)]
+)
+def test_the_shipped_configurations_have_their_models_parameter_counts(name, billions):
+    assert Shape.of(read_config(CONFIGS / f"{name}.json")).parameters / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_the_estimate_counts_parameters_exactly_and_grows_with_length_batch_and_chunk():
+    config = read_config(CONFIGS / "tiny-llama.json")
+    model = random_model(CONFIGS / "tiny-llama.json").model
+    norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    assert Shape.of(config).parameters == sum(p.numel() for p in model.parameters()) - norms
+    small, large = estimate(config, 512), estimate(config, 1024)
+    assert large.cache == 2 * small.cache and large.activations > 2 * small.activations  # the attention square
+    replay = estimate(config, 1024, "replay", batch_size=4)
+    assert replay.cache == 5 * large.cache and replay.masks == 4 * 1024 * 1024 * 4
+    assert estimate(config, 1024, "replay", batch_size=4, chunk=128).masks == replay.masks // 8
+
+
+def test_the_guard_names_the_largest_halving_of_the_first_option_that_fits(monkeypatch):
+    config = read_config(CONFIGS / "tiny-llama.json")
+    needed = estimate(config, 2048, "replay", batch_size=16).total
+    monkeypatch.setenv(MEMORY_VARIABLE, str(needed - 1))
+    with pytest.raises(InputError) as raised:
+        check_fits(config, 2048, "replay", batch_size=16, options=("batch_size", "max_tokens"))
+    value = int(str(raised.value).rsplit(" ", 1)[1])
+    assert str(raised.value).endswith(f"; pass batch_size {value}") and raised.value.parameters == ("batch_size",)
+    assert estimate(config, 2048, "replay", batch_size=value).total < needed - 1
+    assert estimate(config, 2048, "replay", batch_size=2 * value).total > needed - 1
+    monkeypatch.setenv(MEMORY_VARIABLE, "1KiB")
+    with pytest.raises(InputError, match=r"and the weights alone take 0\.0 GiB$"):
+        check_fits(config, 2048)
+    assert parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes("16GB") == 16 * 10**9
+    monkeypatch.setenv(MEMORY_VARIABLE, "lots")
+    with pytest.raises(InputError, match="FORWARD_INFLUENCE_MEMORY='lots' is not a size"):
+        check_fits(config, 2048)
+
+
+@pytest.mark.slow
+def test_the_command_line_refuses_a_run_that_cannot_fit_before_the_weights_load(capsys, monkeypatch):
+    import forward_influence.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the memory was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setenv(MEMORY_VARIABLE, "900MB")
+    code = main(["score", "essay:worked", "--max-tokens", "2048"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err == "error: 2048 tokens need about 1.0 GiB, more than the 0.8 GiB of cpu; pass --max-tokens 1024"
+
+
+def test_the_scaling_benchmark_runs_on_a_configuration_with_random_weights(tmp_path):
+    sys.path.insert(0, str(CONFIGS.parent))
+    import bench_scale
+
+    bench_scale.main(["--config", "tiny-llama", "--lengths", "128,256,512", "--quick", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "scale.csv")
+    assert list(table.job.unique()) == list(bench_scale.JOBS) and sorted(table.tokens.unique()) == [128, 256, 512]
+    assert (table.seconds > 0).all() and (table.time_ratio == table.seconds / table.baseline_seconds).all()
+    fits = pd.read_csv(tmp_path / "growth.csv")
+    assert list(fits.job) == list(bench_scale.JOBS) and fits.longest_predicted_error.notna().all()
+    assert (tmp_path / "scale.png").is_file()
