@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny random models built from configs (no download) and the embedded model."""
+"""Shared fixtures: tiny random models built from configs (no download) and the embedded model.
+
+`FORWARD_INFLUENCE_TEST_DEVICE` (default ``cpu``) puts the tiny models on another device, so the
+exactness tests run there too (`analyses/benchmarks/gpu_run.sh`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ from kv_compression.policies import POLICIES
 from kv_compression.policies.learned import FEATURES
 
 VOCAB = 96
+DEVICE = os.environ.get("FORWARD_INFLUENCE_TEST_DEVICE", "cpu")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -57,7 +62,7 @@ def tiny_model(kind: str) -> LoadedModel:
         model = Gemma3ForCausalLM(config)
     else:
         raise ValueError(kind)
-    model.float().eval().requires_grad_(False)
+    model.float().to(DEVICE).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tiny_tokenizer(), name=f"tiny-{kind}")
 
 

@@ -81,3 +81,17 @@ def test_the_scaling_benchmark_runs_on_a_configuration_with_random_weights(tmp_p
     fits = pd.read_csv(tmp_path / "growth.csv")
     assert list(fits.job) == list(bench_scale.JOBS) and fits.longest_predicted_error.notna().all()
     assert (tmp_path / "scale.png").is_file()
+
+
+def test_the_benchmark_skips_a_job_whose_estimate_does_not_fit(tmp_path, monkeypatch):
+    sys.path.insert(0, str(CONFIGS.parent))
+    import bench_scale
+
+    config = read_config(CONFIGS / "tiny-llama.json")
+    limit = estimate(config, 512, "readout", attention=True).total - 1
+    monkeypatch.setenv(MEMORY_VARIABLE, str(limit))
+    bench_scale.main(["--config", "tiny-llama", "--lengths", "128,512", "--quick", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "scale.csv").set_index(["tokens", "job"])
+    fits = (table.estimated_mb * 2**20 + Shape.of(config).parameters * 4) <= limit
+    assert table.loc[(512, "readout"), "skipped"].startswith("the estimate")
+    assert table.seconds.isna().equals(~fits) and table.loc[(128, "readout"), "seconds"] > 0

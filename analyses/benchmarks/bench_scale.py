@@ -51,9 +51,11 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from analyses.plotting import save_figure, theme  # noqa: E402
+from forward_influence.defaults import GRADIENT_SAMPLES  # noqa: E402
 from forward_influence.eviction import EvictionSpec  # noqa: E402
 from forward_influence.gradient import gradient_influence  # noqa: E402
 from forward_influence.influence import clean_run, evict  # noqa: E402
+from forward_influence.memory import device_memory, estimate  # noqa: E402
 from forward_influence.models import LoadedModel, cache_argument, load_model, random_model  # noqa: E402
 from forward_influence.scan import scan_at  # noqa: E402
 from forward_influence.signals import token_signals  # noqa: E402
@@ -68,6 +70,15 @@ SETS, SET_SHARE, QUERY_CHUNK = 5, 0.1, 1024
 SCANNED, DISTANCE = 16, 64
 NEW_TOKENS, BUDGET, BUFFER = 512, "0.25", 128
 JOBS = ("readout", "eviction", "scan_exact", "scan_gradient", "prefill_infokv", "decode")
+# What each job holds at its peak, in the terms of `forward_influence.memory.estimate`.
+RUNS = {
+    "readout": dict(run="readout", attention=True),
+    "eviction": dict(run="replay", batch_size=SETS, chunk=QUERY_CHUNK),
+    "scan_exact": dict(run="replay", batch_size=16, chunk=DISTANCE),
+    "scan_gradient": dict(run="replay", batch_size=GRADIENT_SAMPLES, chunk=DISTANCE),
+    "prefill_infokv": dict(run="readout", attention=False),
+    "decode": dict(run="readout", attention=False),
+}
 MALLOC = "MALLOC_MMAP_THRESHOLD_"
 
 
@@ -160,28 +171,35 @@ def jobs(loaded: LoadedModel, n: int, quick: bool) -> dict[str, tuple[Callable[[
 
 
 def measure(loaded: LoadedModel, lengths: list[int], device: str, dtype: str, quick: bool) -> pd.DataFrame:
-    """One row per length and job (see the module docstring)."""
-    meter, rows = Meter(device), []
+    """One row per length and job (see the module docstring), with ``estimated_mb``, the memory
+    guard's estimate of the job's peak beyond the weights; a job whose estimate exceeds the device's
+    memory is not run (its row says so in ``skipped``)."""
+    meter, rows, memory = Meter(device), [], device_memory(device)
+    config = loaded.model.config
     with tqdm(total=len(lengths) * len(JOBS), desc="scale", unit="job") as bar:
         for n in lengths:
             for name, (job, baseline) in jobs(loaded, n, quick).items():
-                if not rows:
+                peak = estimate(config, n, dtype=dtype, **RUNS[name])
+                row = dict(model=loaded.name, device=device, dtype=dtype, tokens=n, job=name)
+                row["estimated_mb"] = (peak.total - peak.weights) / 2**20
+                if memory is not None and peak.total > memory:
+                    rows.append(dict(row, skipped=f"the estimate, {peak.total / 2**30:.0f} GiB, does not fit"))
+                    bar.update()
+                    continue
+                if len(rows) == 0:
                     meter(baseline)  # warm-up: the first call pays for lazy initialisation
                 base_seconds, base_mb = meter(baseline)
                 seconds, mb = meter(job)
                 rows.append(
                     dict(
-                        model=loaded.name,
-                        device=device,
-                        dtype=dtype,
-                        tokens=n,
-                        job=name,
+                        row,
                         seconds=seconds,
                         peak_mb=mb,
                         baseline_seconds=base_seconds,
                         baseline_peak_mb=base_mb,
                         time_ratio=seconds / base_seconds,
                         memory_ratio=mb / base_mb if base_mb > 0 else np.nan,
+                        skipped="",
                     )
                 )
                 bar.update()
@@ -206,7 +224,7 @@ def growth(table: pd.DataFrame) -> pd.DataFrame:
     """Per job: the growth exponents of its time, its baseline's and its peak memory, and the two-term
     fit on every length but the longest with its relative error there (NaN with fewer than 3 lengths)."""
     rows = []
-    for job, group in table.groupby("job", sort=False):
+    for job, group in table[table.skipped.fillna("") == ""].groupby("job", sort=False):
         group = group.sort_values("tokens")
         n, seconds = group.tokens.to_numpy(), group.seconds.to_numpy()
         error, share = np.nan, np.nan
