@@ -70,7 +70,7 @@ class AttentionLayout:
 
     def check(self, spec: EvictionSpec) -> None:
         if spec.layers is not None and any(not 0 <= l < self.num_layers for l in spec.layers):
-            raise InputError(f"layers must lie in [0, {self.num_layers - 1}]")
+            raise InputError(f"layers must lie in [0, {self.num_layers - 1}]", "layers")
         if spec.heads is not None and any(not 0 <= h < self.num_kv_heads for h in spec.heads):
             raise InputError(f"KV heads must lie in [0, {self.num_kv_heads - 1}]")
 

@@ -95,9 +95,11 @@ def gradient_influence(
     time `time`, per layer and KV head and per token. `clean` must cover ``time + max_distance + 1``
     tokens; `seed` fixes the sampled continuations."""
     if samples < 1:
-        raise InputError(f"samples must be at least 1, got {samples}")
+        raise InputError(f"samples must be at least 1, got {samples}", "samples")
     if max_distance < NEAR[1]:
-        raise InputError(f"max_distance must be at least {NEAR[1]} (the near bucket), got {max_distance}")
+        raise InputError(
+            f"max_distance must be at least {NEAR[1]} (the near bucket), got {max_distance}", "max_distance"
+        )
     generator = torch.Generator(device=tracer.device).manual_seed(seed)
     near = fisher_influence(tracer, clean, time, NEAR[0], NEAR[1], samples, generator)
     far = (None, None)

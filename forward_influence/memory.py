@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import InputError
+from .eviction import AttentionLayout
 from .logits import DEFAULT_CHUNK
 
 MEMORY_VARIABLE = "FORWARD_INFLUENCE_MEMORY"
@@ -65,8 +66,7 @@ class Shape:
             intermediate=text.intermediate_size,
             vocab=text.vocab_size,
             tied=bool(getattr(config, "tie_word_embeddings", True)),
-            sliding=bool(getattr(text, "sliding_window", None))
-            and "sliding_attention" in (getattr(text, "layer_types", None) or ()),
+            sliding=any(window is not None for window in AttentionLayout.from_config(config).windows),
         )
 
     @property

@@ -113,13 +113,13 @@ def scan(
     continuations; the estimate has no ``fi_total``, and positions after `time` are NaN).
     """
     if method not in SCAN_METHODS:
-        raise InputError(f"method must be one of {', '.join(SCAN_METHODS)}, got {method!r}")
+        raise InputError(f"method must be one of {', '.join(SCAN_METHODS)}, got {method!r}", "method")
     n = len(token_ids)
     check_range(start, end, n)
     if time is None and method == "gradient":
         raise InputError("the gradient method estimates at a common eviction time: give time")
     if time is not None and not (start <= time < n - 1):
-        raise InputError(f"time must lie in [start, {n - 2}] (a position follows it), got {time}")
+        raise InputError(f"time must lie in [start, {n - 2}] (a position follows it), got {time}", "time", "start")
     if time is None:
         kl = scan_divergence(tracer, token_ids, start, end, max_distance, batch_size, progress=progress).kl
         summary = fi_summary(kl)

@@ -39,7 +39,7 @@ def select_top(
 ) -> tuple[int, ...]:
     """Positions of the top `fraction` of ``scores[sinks..time]`` (random if `scores` is None)."""
     if not 0 < fraction < 1:
-        raise InputError(f"fraction must lie in (0, 1), got {fraction}")
+        raise InputError(f"fraction must lie in (0, 1), got {fraction}", "fraction")
     candidates = np.arange(min(sinks, time + 1), time + 1)
     count = min(len(candidates), max(1, round(fraction * (time + 1))))
     if scores is None:

@@ -34,9 +34,7 @@ def checked(convert: Callable[[str], object]) -> Callable[[str], object]:
     def parse_value(text: str) -> object:
         try:
             return convert(text)
-        except InputError as exc:
-            raise argparse.ArgumentTypeError(exc.command_line()) from None
-        except ValueError as exc:
+        except ValueError as exc:  # InputError included: argparse names the flag before the message
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     parse_value.__name__ = convert.__name__

@@ -48,9 +48,11 @@ class Budget:
         try:
             number = float(body)
         except ValueError:
-            raise InputError(f"budget must be a ratio in (0, 1], a token count or prompt+RATIO, got {raw!r}") from None
+            raise InputError(
+                f"budget must be a ratio in (0, 1], a token count or prompt+RATIO, got {raw!r}", "budget"
+            ) from None
         if not math.isfinite(number) or number <= 0:
-            raise InputError(f"budget must be positive, got {raw}")
+            raise InputError(f"budget must be positive, got {raw}", "budget")
         if raw.startswith(PROMPT_PLUS):
             if number > 1:
                 raise InputError(f"the ratio of prompt+RATIO must lie in (0, 1], got {raw}")

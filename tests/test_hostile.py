@@ -51,8 +51,8 @@ BAD_BEFORE_LOADING = [
     (["influence", "essay:gap", "--per-distance", "{tmp}/d.txt"], "--per-distance must end in .csv"),
     (["trace", "problems.jsonl", "--out", "{tmp}/t.csv"], "--out must end in .jsonl"),
     # models and devices
-    (["score", "essay:gap", "--device", "cuda"], "--device cuda: no CUDA device is available"),
-    (["score", "essay:gap", "--device", "tpu9"], "--device: unknown device 'tpu9'"),
+    (["score", "essay:gap", "--device", "cuda"], "argument --device: device cuda: no CUDA device is available"),
+    (["score", "essay:gap", "--device", "tpu9"], "argument --device: device: unknown device 'tpu9'"),
     (["score", "essay:gap", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
     (["score", "essay:gap", "--model", "{tmp}"], "the folder holds no model (no config.json"),
     (["score", "essay:gap", "--model", "{file}"], "a model file must be a .gguf file"),
