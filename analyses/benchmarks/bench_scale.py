@@ -21,6 +21,8 @@ just before it; the ratios are the result (these machines are noisy, one run giv
 - ``decode``: `NEW_TOKENS` greedy tokens after the n-token prompt with InfoKV at a 25% budget
   (compression interval 128), against the same with the full cache.
 
+The jobs that share the forward pass as their baseline share its one measurement at each length.
+
 `--config NAME` builds the model from a configuration in ``configs/`` (or a JSON path) with random
 weights (`forward_influence.models.random_model`): the paper's model sizes measured on any machine with
 the memory, nothing downloaded. Memory is the peak over the memory in use before the job: on CUDA the
@@ -178,6 +180,7 @@ def measure(loaded: LoadedModel, lengths: list[int], device: str, dtype: str, qu
     config = loaded.model.config
     with tqdm(total=len(lengths) * len(JOBS), desc="scale", unit="job") as bar:
         for n in lengths:
+            baselines = {}  # jobs with the same baseline (the plain forward) share its measurement at a length
             for name, (job, baseline) in jobs(loaded, n, quick).items():
                 peak = estimate(config, n, dtype=dtype, **RUNS[name])
                 row = dict(model=loaded.name, device=device, dtype=dtype, tokens=n, job=name)
@@ -188,7 +191,9 @@ def measure(loaded: LoadedModel, lengths: list[int], device: str, dtype: str, qu
                     continue
                 if len(rows) == 0:
                     meter(baseline)  # warm-up: the first call pays for lazy initialisation
-                base_seconds, base_mb = meter(baseline)
+                if baseline not in baselines:
+                    baselines[baseline] = meter(baseline)
+                base_seconds, base_mb = baselines[baseline]
                 seconds, mb = meter(job)
                 rows.append(
                     dict(
