@@ -1,4 +1,4 @@
-"""Evaluation commands: sweep policies and budgets over tasks, calibrate InfoKV, fit the learned policy."""
+"""Evaluation commands: sweep policies and budgets over tasks, calibrate InfoKV, fit the learned and distilled policies."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from .options import add_model, positive_int
 
 EXAMPLES = {
     "learn": "forward-influence learn --model smollm2-135m-instruct --docs 8",
+    "distill": "forward-influence distill --model smollm2-135m-instruct --docs 16",
     "eval": "forward-influence eval --task fidelity --policies infokv,snapkv,h2o,random --budgets 0.1,0.25,0.5 --docs 5",
     "calibrate": "forward-influence calibrate --docs 4",
 }
@@ -78,6 +79,24 @@ def add(command) -> None:
         help="folder of the calibration file (default: the per-user data folder, where infokv-calibrated looks first)",
     )
 
+    p = command(
+        "distill", "fit the distilled policy to the set optimum's choices on the calibration essays (resumable)"
+    )
+    add_model(p)
+    p.add_argument("--docs", type=positive_int, default=16, help="calibration documents of 1280 tokens (default 16)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder of the weights file (default: the per-user data folder, where `distilled` looks first)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("runs/distill"),
+        help="folder of the per-document set searches, so a run resumes (default runs/distill)",
+    )
+
     p = command("learn", "fit the learned policy to measured Forward Influence on the calibration essays (resumable)")
     add_model(p)
     p.add_argument("--docs", type=positive_int, default=8, help="calibration documents of 1088 tokens (default 8)")
@@ -93,6 +112,23 @@ def add(command) -> None:
         default=Path("runs/learn"),
         help="folder of the per-document measurements, so a run resumes (default runs/learn)",
     )
+
+
+def distill(args: argparse.Namespace) -> None:
+    from analyses.distill import fit
+    from kv_compression.tuned import file_name, user_folder
+
+    folder = args.out or user_folder("distilled")
+    outputs.check_folder(folder)
+    outputs.check_folder(args.work, "--work")
+    loaded = options.loaded_model(args)
+    content = fit(loaded, args.docs, folder / file_name(loaded.name), args.work)
+    print(
+        f"bands={content['bands']} C={content['penalty']} sinks={content['sinks']}: held-out agreement with "
+        f"the optimum {content['cross_validation']}",
+        file=sys.stderr,
+    )
+    print(folder / file_name(loaded.name))
 
 
 def learn(args: argparse.Namespace) -> None:
@@ -135,4 +171,4 @@ def calibrate(args: argparse.Namespace) -> None:
     print(folder / file_name(loaded.name))
 
 
-COMMANDS = {"eval": evaluate, "calibrate": calibrate, "learn": learn}
+COMMANDS = {"eval": evaluate, "calibrate": calibrate, "learn": learn, "distill": distill}

@@ -1,8 +1,8 @@
 """Policies by CLI name: ``NAME`` or ``NAME:field=value:field=value``.
 
 `parse` builds a policy from such a spec: NAME is a policy's CLI name (`kv_compression.policies`) or
-``infokv-calibrated`` (InfoKV with the model's calibrated settings); ``infokv-calibrated`` and
-``learned`` read the model's file (`kv_compression.tuned`); ``kvpress:CLASS[:field=value...]`` is a
+``infokv-calibrated`` (InfoKV with the model's calibrated settings); ``infokv-calibrated``,
+``learned`` and ``distilled`` read the model's file (`kv_compression.tuned`); ``kvpress:CLASS[:field=value...]`` is a
 kvpress press's choice (`kv_compression.kvpress`, an extra);
 each ``field=value`` sets one field of the policy's dataclass, converted to the field's type
 (integers, numbers, ``true``/``false``, or one of an option's choices, checked by the policy). An
@@ -19,12 +19,13 @@ from forward_influence.errors import InputError
 
 from .policies import POLICIES, Policy
 from .policies.kvpress_scores import KvpressScores
-from .tuned import calibrated, learned
+from .tuned import calibrated, distilled, learned
 
 CALIBRATED = "infokv-calibrated"
 LEARNED = "learned"
+DISTILLED = "distilled"
 KVPRESS = "kvpress"
-PER_MODEL = (CALIBRATED, LEARNED)  # built from a file of the model's: checked once the model is known
+PER_MODEL = (CALIBRATED, LEARNED, DISTILLED)  # built from a file of the model's: checked once the model is known
 
 
 def policy_names() -> list[str]:
@@ -64,6 +65,8 @@ def parse(spec: str, model: str | None = None, quiet: bool = False) -> Policy:
         base, note = calibrated(model or "")
     elif name == LEARNED:
         base, note = learned(model or "")
+    elif name == DISTILLED:
+        base, note = distilled(model or "")
     else:
         base = POLICIES[name]()
     cls = type(base)

@@ -1,13 +1,15 @@
-"""Per-model files the measurements write: InfoKV's calibration and the learned policy's weights.
+"""Per-model files the measurements write: InfoKV's calibration, the learned and distilled policies' weights.
 
 ``forward-influence calibrate`` measures a grid of InfoKV's open choices on the calibration essays and
 writes ``calibration/<model>.json``; ``forward-influence learn`` fits the learned policy to the
-calibration essays' Forward Influence and writes ``learned/<model>.json`` (JSON: data, never code).
+calibration essays' Forward Influence and writes ``learned/<model>.json``; ``forward-influence distill``
+fits the distilled policy to the set optimum's kept sets on the calibration essays and writes
+``distilled/<model>.json`` (JSON: data, never code).
 `read` looks in the user's folder first (`user_folder`, inside the per-user data folder
 `forward_influence.outputs.data_home`), then in the files shipped with the package for the embedded
-models (package data, read with `importlib.resources`). `calibrated` and `learned` build the policies
-behind the CLI names ``infokv-calibrated`` and ``learned``, say on stderr which file they used, and
-refuse a model with neither, naming the command to run.
+models (package data, read with `importlib.resources`). `calibrated`, `learned` and `distilled` build
+the policies behind the CLI names ``infokv-calibrated``, ``learned`` and ``distilled``, say on stderr
+which file they used, and refuse a model with neither, naming the command to run.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from forward_influence.errors import InputError
 from forward_influence.outputs import data_home
 from forward_influence.sources import model_slug
 
-from .policies import InfoKV, Learned
+from .policies import Distilled, InfoKV, Learned
 
-Kind = Literal["calibration", "learned"]
-COMMANDS = {"calibration": "calibrate", "learned": "learn"}
+Kind = Literal["calibration", "learned", "distilled"]
+COMMANDS = {"calibration": "calibrate", "learned": "learn", "distilled": "distill"}
 
 
 def file_name(model: str) -> str:
@@ -41,6 +43,7 @@ def user_folder(kind: Kind = "calibration") -> Path:
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {  # the keys each kind of file must hold, with their types
     "calibration": {"settings": (dict,)},
     "learned": {"bands": (int,), "features": (list,), "weights": (list,), "intercept": (int, float)},
+    "distilled": {"bands": (int,), "features": (list,), "weights": (list,), "intercepts": (list,), "sinks": (int,)},
 }
 
 
@@ -110,3 +113,19 @@ def learned(model: str) -> tuple[Learned, str]:
         lambda: Learned(bands=content["bands"], weights=tuple(content["weights"]), intercept=content["intercept"]),
     )
     return policy, f"learned: {content['bands']} band(s) x {len(content['features'])} signals (from the {source})"
+
+
+def distilled(model: str) -> tuple[Distilled, str]:
+    """The distilled policy with `model`'s fitted weights (``forward-influence distill``), and the line
+    that says so."""
+    content, source = _found(model, "distilled", "distilled")
+    policy = _built(
+        source,
+        lambda: Distilled(
+            bands=content["bands"],
+            weights=tuple(content["weights"]),
+            intercepts=tuple(content["intercepts"]),
+            sinks=content["sinks"],
+        ),
+    )
+    return policy, f"distilled: {content['bands']} band(s) x {len(content['features'])} signals (from the {source})"

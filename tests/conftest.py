@@ -81,12 +81,14 @@ ONLINE = sorted(name for name, cls in POLICIES.items() if cls.online)
 
 def small_policy(name: str):
     """The policy `name` sized for the tiny models: windows of 4 queries or tokens, top-k 5, chunks of 12
-    tokens, and for the learned policy a fixed weight vector (any vector exercises its rule)."""
+    tokens, and for the learned and distilled policies fixed weight vectors (any vector exercises their rule)."""
     cls = POLICIES[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     sizes = dict(window=4, recent=4, top_k=5, future=16, distance=8, chunk=12)
     if name == "learned":
         sizes["weights"] = tuple(torch.linspace(-1, 1, len(FEATURES)).tolist())
+    if name == "distilled":  # two bands, so the band of each layer matters
+        sizes.update(bands=2, weights=tuple(torch.linspace(-1, 1, 2 * len(FEATURES)).tolist()), intercepts=(0.5, -0.5))
     if name == "criticalkv":
         sizes["inner"] = "tova"  # its inner policy takes default fields: one without a window
     return cls(**{k: v for k, v in sizes.items() if k in fields})

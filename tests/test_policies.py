@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -418,3 +420,19 @@ def test_the_reconstruction_prompt_of_a_chat_model_closes_the_user_turn(embedded
     assert tokenizer.decode(prompt.first) == FIRST
     assert tokenizer.decode(prompt.suffix) == header.split("x")[-1]  # end of the user turn, the assistant's header
     assert prompt.skip == len(tokenizer.encode(header.split("x")[0], add_special_tokens=False))
+
+
+def test_distilled_scores_each_head_by_its_bands_logistic_regression(obs):
+    from kv_compression.policies.learned import features, ranked
+
+    policy = small_policy("distilled")
+    weights = torch.tensor(policy.weights).reshape(2, -1)
+    for index, layer in enumerate(obs.full_layers):
+        which = index * 2 // len(obs.full_layers)  # layers 0-1 in band 0, 2-3 in band 1
+        expected = ranked(features(obs, layer, 4)) @ weights[which] + policy.intercepts[which]
+        scores = policy.score(obs, layer)
+        assert torch.isinf(scores[..., : policy.sinks]).all() and torch.isinf(scores[..., -4:]).all()
+        assert torch.allclose(scores[..., policy.sinks : -4], expected[..., policy.sinks : -4])
+    assert not torch.equal(policy.score(obs, 0), policy.score(obs, 3))  # heads and bands differ
+    with pytest.raises(InputError, match="distilled: 28 weights and 1 intercepts for 2 band"):
+        dataclasses.replace(policy, intercepts=(0.0,))

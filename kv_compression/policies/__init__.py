@@ -2,6 +2,7 @@
 
 from .base import Policy
 from .criticalkv import CriticalKV
+from .distilled import Distilled
 from .entropy import Entropy
 from .evolution import Evolution
 from .expected_attention import ExpectedAttention
@@ -41,6 +42,7 @@ POLICIES: dict[str, type[Policy]] = {
         Evolution,
         InfoKV,
         Learned,
+        Distilled,
         Oracle,
         Optimal,
     )
