@@ -79,39 +79,28 @@ def add(command) -> None:
         help="folder of the calibration file (default: the per-user data folder, where infokv-calibrated looks first)",
     )
 
-    p = command(
-        "distill", "fit the distilled policy to the set optimum's choices on the calibration essays (resumable)"
-    )
-    add_model(p)
-    p.add_argument("--docs", type=positive_int, default=16, help="calibration documents of 1280 tokens (default 16)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder of the weights file (default: the per-user data folder, where `distilled` looks first)",
-    )
-    p.add_argument(
-        "--work",
-        type=Path,
-        default=Path("runs/distill"),
-        help="folder of the per-document set searches, so a run resumes (default runs/distill)",
-    )
-
-    p = command("learn", "fit the learned policy to measured Forward Influence on the calibration essays (resumable)")
-    add_model(p)
-    p.add_argument("--docs", type=positive_int, default=8, help="calibration documents of 1088 tokens (default 8)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder of the weights file (default: the per-user data folder, where `learned` looks first)",
-    )
-    p.add_argument(
-        "--work",
-        type=Path,
-        default=Path("runs/learn"),
-        help="folder of the per-document measurements, so a run resumes (default runs/learn)",
-    )
+    for name, docs, tokens, what in (
+        ("distill", 16, 1280, "the distilled policy to the set optimum's choices"),
+        ("learn", 8, 1088, "the learned policy to measured Forward Influence"),
+    ):
+        p = command(name, f"fit {what} on the calibration essays (resumable)")
+        add_model(p)
+        p.add_argument(
+            "--docs", type=positive_int, default=docs, help=f"calibration documents of {tokens} tokens (default {docs})"
+        )
+        policy = "distilled" if name == "distill" else "learned"
+        p.add_argument(
+            "--out",
+            type=Path,
+            default=None,
+            help=f"folder of the weights file (default: the per-user data folder, where `{policy}` looks first)",
+        )
+        p.add_argument(
+            "--work",
+            type=Path,
+            default=Path(f"runs/{name}"),
+            help=f"folder of the per-document measurements, so a run resumes (default runs/{name})",
+        )
 
 
 def distill(args: argparse.Namespace) -> None:

@@ -251,6 +251,7 @@ def test_policies_lists_every_policy(capsys):
         "evolution",
         "infokv",
         "learned",
+        "distilled",
         "oracle",
         "optimal",
         "infokv-calibrated",

@@ -9,7 +9,7 @@ from forward_influence.errors import InputError
 from forward_influence.observation import Observation, Reads
 
 from .base import Count, Policy, protect
-from .learned import FEATURES, TOP_KS, band, features, ranked
+from .learned import FEATURES, band, feature_reads, features, ranked
 
 
 @dataclass
@@ -46,13 +46,7 @@ class Distilled(Policy):
             )
 
     def reads(self) -> Reads:
-        return Reads(
-            window=self.window,
-            top_k=frozenset(TOP_KS),
-            cumulative_attention=True,
-            layer_change=True,
-            final_distance=True,
-        )
+        return feature_reads(self.window)
 
     def score(self, obs: Observation, layer: int) -> torch.Tensor:
         if not self.weights:

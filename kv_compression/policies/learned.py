@@ -29,6 +29,13 @@ FEATURES = (
 )
 
 
+def feature_reads(window: int = WINDOW) -> Reads:
+    """What `features` reads of an observation."""
+    return Reads(
+        window=window, top_k=frozenset(TOP_KS), cumulative_attention=True, layer_change=True, final_distance=True
+    )
+
+
 def features(obs: Observation, layer: int, window: int = WINDOW) -> torch.Tensor:
     """The online signals of every cached token of `layer`: ``[batch, kv_heads, tokens, len(FEATURES)]``.
 
@@ -134,13 +141,7 @@ class Learned(Policy):
             )
 
     def reads(self) -> Reads:
-        return Reads(
-            window=self.window,
-            top_k=frozenset(TOP_KS),
-            cumulative_attention=True,
-            layer_change=True,
-            final_distance=True,
-        )
+        return feature_reads(self.window)
 
     def token_score(self, obs: Observation) -> torch.Tensor:
         """``[batch, seen]``: the score of every token seen, derived once per observation."""
