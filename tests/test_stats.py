@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from forward_influence.stats import mean_ci, student_t_ci
+from forward_influence.stats import mean_ci, paired_interval, student_t_ci
 
 
 def test_a_signed_mean_gets_the_student_t_interval():
@@ -45,3 +45,20 @@ def test_paired_differences_of_zero_and_one_stay_differences():
     assert student_t_ci(differences) == pytest.approx((0.6, low, high)) and low < 0
     assert student_t_ci(np.zeros(20)) == (0.0, 0.0, 0.0)  # mean_ci would give Wilson's [0, 0.16]
     assert mean_ci(np.zeros(20))[2] == pytest.approx(0.161, abs=1e-3)
+
+
+def test_a_statistic_of_paired_samples_resamples_the_same_items_from_each():
+    a, b = np.array([1.0, 2.0, 3.0, 4.0, 10.0]), np.array([1.0, 1.0, 2.0, 2.0, 1.0])
+
+    def ratio(x, y):
+        return x.mean() / y.mean()
+
+    low, high = paired_interval((a, b), ratio)
+    expected = stats.bootstrap(
+        (a, b), ratio, paired=True, vectorized=False, n_resamples=9999, method="percentile", random_state=0
+    ).confidence_interval
+    assert (low, high) == (expected.low, expected.high) and low < ratio(a, b) < high
+    unpaired = stats.bootstrap(
+        (a, b), ratio, paired=False, vectorized=False, n_resamples=9999, method="percentile", random_state=0
+    ).confidence_interval
+    assert (low, high) != (unpaired.low, unpaired.high)
