@@ -95,3 +95,15 @@ def test_the_benchmark_skips_a_job_whose_estimate_does_not_fit(tmp_path, monkeyp
     fits = (table.estimated_mb * 2**20 + Shape.of(config).parameters * 4) <= limit
     assert table.loc[(512, "readout"), "skipped"].startswith("the estimate")
     assert table.seconds.isna().equals(~fits) and table.loc[(128, "readout"), "seconds"] > 0
+
+
+def test_the_benchmark_resumes_from_the_lengths_it_has(tmp_path):
+    sys.path.insert(0, str(CONFIGS.parent))
+    import bench_scale
+
+    bench_scale.main(["--config", "tiny-llama", "--lengths", "128", "--quick", "--out", str(tmp_path)])
+    first = pd.read_csv(tmp_path / "scale.csv")
+    bench_scale.main(["--config", "tiny-llama", "--lengths", "128,256", "--quick", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "scale.csv")
+    assert sorted(table.tokens.unique()) == [128, 256]
+    pd.testing.assert_frame_equal(table[table.tokens == 128].reset_index(drop=True), first)

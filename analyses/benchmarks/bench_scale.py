@@ -32,7 +32,9 @@ every large block to the system, so resident memory follows live memory).
 Writes ``scale.csv`` (a row per length and job: seconds and peak MB of the job and its baseline, and
 their ratios), ``growth.csv`` (per job, the exponent k of a fit ``seconds ~ n^k`` over the lengths, for
 the job and its baseline, and of the peak memory, with the two-term fit ``seconds = a n + b n^2``
-checked on the longest length from the others) and ``scale.png``.
+checked on the longest length from the others) and ``scale.png``. A run resumes: ``scale.csv`` is
+written after each length, and the lengths already in it are kept (each row's job and baseline were
+measured together) and not measured again.
 """
 
 from __future__ import annotations
@@ -172,12 +174,26 @@ def jobs(loaded: LoadedModel, n: int, quick: bool) -> dict[str, tuple[Callable[[
     }
 
 
-def measure(loaded: LoadedModel, lengths: list[int], device: str, dtype: str, quick: bool) -> pd.DataFrame:
+def measure(
+    loaded: LoadedModel,
+    lengths: list[int],
+    device: str,
+    dtype: str,
+    quick: bool,
+    done: pd.DataFrame | None = None,
+    save: Callable[[pd.DataFrame], None] = lambda table: None,
+) -> pd.DataFrame:
     """One row per length and job (see the module docstring), with ``estimated_mb``, the memory
     guard's estimate of the job's peak beyond the weights; a job whose estimate exceeds the device's
-    memory is not run (its row says so in ``skipped``)."""
+    memory is not run (its row says so in ``skipped``). Every job runs once untimed before its first
+    measurement (the first call of a path pays for lazy initialisation). The rows of `done` (an earlier
+    run's, each job measured beside its own baseline) are kept and their lengths not measured again;
+    `save` receives the table after each length, so a run stopped midway resumes from there."""
     meter, rows, memory = Meter(device), [], device_memory(device)
-    config = loaded.model.config
+    config, warm = loaded.model.config, set()
+    if done is not None:
+        rows = done.to_dict("records")
+        lengths = [n for n in lengths if n not in set(done.tokens)]
     with tqdm(total=len(lengths) * len(JOBS), desc="scale", unit="job") as bar:
         for n in lengths:
             baselines = {}  # jobs with the same baseline (the plain forward) share its measurement at a length
@@ -189,8 +205,10 @@ def measure(loaded: LoadedModel, lengths: list[int], device: str, dtype: str, qu
                     rows.append(dict(row, skipped=f"the estimate, {peak.total / 2**30:.0f} GiB, does not fit"))
                     bar.update()
                     continue
-                if len(rows) == 0:
-                    meter(baseline)  # warm-up: the first call pays for lazy initialisation
+                for role, fn in (("baseline", baseline), ("job", job)):
+                    if (name, role) not in warm:
+                        meter(fn)
+                        warm.add((name, role))
                 if baseline not in baselines:
                     baselines[baseline] = meter(baseline)
                 base_seconds, base_mb = baselines[baseline]
@@ -208,6 +226,7 @@ def measure(loaded: LoadedModel, lengths: list[int], device: str, dtype: str, qu
                     )
                 )
                 bar.update()
+            save(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 
@@ -312,8 +331,16 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
     out = args.out or Path("runs/scale") / loaded.name
     out.mkdir(parents=True, exist_ok=True)
-    table = measure(loaded, sorted(lengths), args.device, args.dtype, args.quick)
-    table.to_csv(out / "scale.csv", index=False)
+    done = pd.read_csv(out / "scale.csv") if (out / "scale.csv").is_file() else None
+    table = measure(
+        loaded,
+        sorted(lengths),
+        args.device,
+        args.dtype,
+        args.quick,
+        done,
+        save=lambda rows: rows.to_csv(out / "scale.csv", index=False),
+    )
     fits = growth(table)
     fits.to_csv(out / "growth.csv", index=False)
     plot(table, out / "scale")
