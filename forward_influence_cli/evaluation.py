@@ -103,37 +103,43 @@ def add(command) -> None:
         )
 
 
-def distill(args: argparse.Namespace) -> None:
-    from analyses.distill import fit
+def _fitted(args: argparse.Namespace, kind: str, fit, summary) -> None:
+    """Fit the per-model file of `kind` with ``fit(model, docs, path, work)``, say `summary(content)` on
+    stderr and print where the file went."""
     from kv_compression.tuned import file_name, user_folder
 
-    folder = args.out or user_folder("distilled")
+    folder = args.out or user_folder(kind)
     outputs.check_folder(folder)
     outputs.check_folder(args.work, "--work")
     loaded = options.loaded_model(args)
     content = fit(loaded, args.docs, folder / file_name(loaded.name), args.work)
-    print(
-        f"bands={content['bands']} C={content['penalty']} sinks={content['sinks']}: held-out agreement with "
-        f"the optimum {content['cross_validation']}",
-        file=sys.stderr,
-    )
+    print(summary(content), file=sys.stderr)
     print(folder / file_name(loaded.name))
+
+
+def distill(args: argparse.Namespace) -> None:
+    from analyses.distill import fit
+
+    _fitted(
+        args,
+        "distilled",
+        fit,
+        lambda c: (
+            f"bands={c['bands']} C={c['penalty']} sinks={c['sinks']}: held-out agreement with the optimum "
+            f"{c['cross_validation']}"
+        ),
+    )
 
 
 def learn(args: argparse.Namespace) -> None:
     from analyses.learned import train
-    from kv_compression.tuned import file_name, user_folder
 
-    folder = args.out or user_folder("learned")
-    outputs.check_folder(folder)
-    outputs.check_folder(args.work, "--work")
-    loaded = options.loaded_model(args)
-    content = train(loaded, args.docs, folder / file_name(loaded.name), args.work)
-    print(
-        f"bands={content['bands']} alpha={content['alpha']}: held-out Spearman {content['cross_validation']}",
-        file=sys.stderr,
+    _fitted(
+        args,
+        "learned",
+        train,
+        lambda c: f"bands={c['bands']} alpha={c['alpha']}: held-out Spearman {c['cross_validation']}",
     )
-    print(folder / file_name(loaded.name))
 
 
 def evaluate(args: argparse.Namespace) -> None:

@@ -136,6 +136,7 @@ BAD_BEFORE_LOADING = [
     (["eval", "--shard", "half"], "--shard: expected I/N (the I-th of N shards, from 0)"),
     (["calibrate", "--docs", "-1"], "--docs: must be at least 1"),
     (["learn", "--docs", "0"], "--docs: must be at least 1"),
+    (["distill", "--docs", "0"], "--docs: must be at least 1"),
     (["verify", "--max-tokens", "0"], "--max-tokens: must be at least 1"),
     (["trace", "missing.jsonl", "--out", "{tmp}/t.jsonl", "--limit", "0"], "--limit: must be at least 1"),
     # no input destroyed, no two outputs on one path, no item counted twice
