@@ -3,6 +3,8 @@ benchmark runs on a model built from a configuration file."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,3 +109,18 @@ def test_the_benchmark_resumes_from_the_lengths_it_has(tmp_path):
     table = pd.read_csv(tmp_path / "scale.csv")
     assert sorted(table.tokens.unique()) == [128, 256]
     pd.testing.assert_frame_equal(table[table.tokens == 128].reset_index(drop=True), first)
+
+
+def test_the_gpu_script_runs_its_tests_and_the_benchmark_on_a_cpu_with_a_tiny_configuration(tmp_path):
+    settings = dict(DEVICE="cpu", CONFIG="tiny-llama", DTYPE="float32", LENGTHS="128,256", OUT=str(tmp_path))
+    done = subprocess.run(
+        ["bash", str(CONFIGS.parent / "gpu_run.sh")],
+        cwd=CONFIGS.parents[2],
+        env=dict(os.environ, PYTHON=sys.executable, **settings),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.splitlines()[0] == "device: cpu; config: tiny-llama; dtype: float32; lengths: 128,256"
+    assert done.stdout.splitlines()[-2:] == ["tests: exit 0", "benchmark: exit 0"]
+    assert sorted(pd.read_csv(tmp_path / "scale.csv").tokens.unique()) == [128, 256]

@@ -7,7 +7,7 @@
 #
 # Settings (environment): PYTHON (default .venv/bin/python, else python3), DEVICE (cuda), CONFIG
 # (llama-3.1-8b), DTYPE (bfloat16), LENGTHS (4096,16384,32768), TESTS_SECONDS (180), BENCH_SECONDS (300).
-# The same script checked on a CPU with a tiny configuration:
+# The same script checked on a CPU with a tiny configuration (tests/test_scale.py runs it so):
 #
 #   DEVICE=cpu CONFIG=tiny-llama DTYPE=float32 LENGTHS=256,512 OUT=/tmp/gpu bash analyses/benchmarks/gpu_run.sh
 set -u
