@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib import pyplot as plt
 from scipy import stats
 from sklearn.linear_model import Ridge
@@ -62,7 +61,7 @@ from kv_compression.tuned import read
 
 from . import cache
 from .documents import add_shard_option, cache_folder, essay_segments, shard_of
-from .plotting import save_figure, theme
+from .plotting import save_figure, theme, weights_figure_height, weights_heatmap
 from .protocol import CONTINUATION, INFLUENCE_DISTANCE, PREFIX
 
 ALPHAS = (1.0, 10.0, 100.0, 1000.0)
@@ -272,27 +271,8 @@ def ranking(
 def plot_weights(content: dict, path: Path) -> list[Path]:
     """The learned weights as a heatmap: one row per band of layers, one column per signal."""
     theme()
-    weights = np.array(content["weights"]).reshape(content["bands"], len(content["features"]))
-    bands, layers = content["bands"], content["layers"]
-    names = (
-        ["all layers"]
-        if bands == 1
-        else [f"full layer {b + 1}" for b in range(bands)]
-        if bands == layers
-        else [f"band {b + 1} of {bands}" for b in range(bands)]
-    )
-    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.6 * min(bands, 6) + 0.15 * max(bands - 6, 0)), layout="constrained")
-    limit = float(np.abs(weights).max()) or 1.0
-    sns.heatmap(
-        pd.DataFrame(weights, index=names, columns=content["features"]),
-        annot=bands <= 6,
-        fmt=".2f",
-        cmap="vlag",
-        vmin=-limit,
-        vmax=limit,
-        ax=ax,
-        cbar_kws=dict(label="weight on the signal's rank"),
-    )
+    fig, ax = plt.subplots(figsize=(13, weights_figure_height(content["bands"])), layout="constrained")
+    weights_heatmap(ax, content, "weight on the signal's rank")
     cv = content["cross_validation"]
     chosen = f"bands={content['bands']},alpha={content['alpha']}"
     ax.set_title(
@@ -301,8 +281,6 @@ def plot_weights(content: dict, path: Path) -> list[Path]:
         f"cumulative {cv['attention_cumulative']:.2f})",
         fontsize=10,
     )
-    ax.tick_params(axis="x", rotation=40)
-    ax.tick_params(axis="y", rotation=0)
     return save_figure(fig, path)
 
 

@@ -9,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures are files; no display is assumed
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from forward_influence.outputs import atomic_path  # noqa: E402
@@ -53,3 +55,35 @@ def overlap_heatmap(ax, matrix, labels: list[str], label: str) -> None:
         yticklabels=labels,
         cbar_kws=dict(label=label),
     )
+
+
+def weights_heatmap(ax, content: dict, label: str) -> None:
+    """A fitted policy's weights (`learned`, `distilled`: ``content["weights"]``, the bands' vectors one
+    after the other) as a heatmap centred on zero: one row per band of layers, one column per signal."""
+    bands, layers, features = content["bands"], content["layers"], content["features"]
+    weights = np.array(content["weights"]).reshape(bands, len(features))
+    names = (
+        ["all layers"]
+        if bands == 1
+        else [f"full layer {b + 1}" for b in range(bands)]
+        if bands == layers
+        else [f"band {b + 1} of {bands}" for b in range(bands)]
+    )
+    limit = float(np.abs(weights).max()) or 1.0
+    sns.heatmap(
+        pd.DataFrame(weights, index=names, columns=features),
+        annot=bands <= 6,
+        fmt=".2f",
+        cmap="vlag",
+        vmin=-limit,
+        vmax=limit,
+        ax=ax,
+        cbar_kws=dict(label=label),
+    )
+    ax.tick_params(axis="x", rotation=40)
+    ax.tick_params(axis="y", rotation=0)
+
+
+def weights_figure_height(bands: int) -> float:
+    """Inches of a `weights_heatmap` of `bands` rows: annotated rows while few, thin ones beyond six."""
+    return 1.6 + 0.6 * min(bands, 6) + 0.15 * max(bands - 6, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from analyses import distill
@@ -51,3 +52,28 @@ def test_the_fit_reads_the_optimums_sets_and_the_policy_scores_as_fitted(tmp_pat
         expected = data["features"][index] @ weights[which] + content["intercepts"][which]
         scores = policy.score(obs, layer)[0].numpy()
         assert np.allclose(scores[:, : -policy.recent], expected[:, : -policy.recent], atol=1e-4)
+
+    # The ablation: nothing dropped is the chosen fit's own cross-validation; each drop is paired per document.
+    _, data = distill.training_data(loaded, documents, tmp_path / "work", progress=False, task=task)
+    table = distill.ablation(data, [d.id for d in documents], content["bands"], content["penalty"])
+    assert len(table) == (len(FEATURES) + 2) * len(documents) * len(distill.BUDGETS)
+    chosen = f"bands={content['bands']},C={content['penalty']}"
+    reference = table[table.dropped == distill.ALL_SIGNALS]
+    assert reference.agreement.mean() == pytest.approx(content["cross_validation"][chosen])
+    drops = distill.paired_drops(table).set_index("dropped")
+    per_document = table.groupby(["dropped", "document"]).agreement.mean()
+    expected = (per_document[distill.ALL_SIGNALS] - per_document["every entropy"]).mean()
+    assert drops.loc["every entropy", "drop"] == pytest.approx(expected) and len(drops) == len(FEATURES) + 1
+    assert (drops.drop_ci_low <= drops["drop"]).all() and (drops["drop"] <= drops.drop_ci_high).all()
+    assert [p.suffix for p in distill.plot_distilled(content, drops.reset_index(), tmp_path / "fig")] == [
+        ".png",
+        ".svg",
+    ]
+
+
+def test_the_ablation_refuses_a_model_without_weights_before_loading_it(capsys):
+    with pytest.raises(SystemExit) as raised:
+        distill.main(["--model", "no-such-model"])
+    assert raised.value.code == 2
+    expected = "error: --model: no distilled weights for 'no-such-model'; run `forward-influence distill`"
+    assert capsys.readouterr().err.strip() == expected
