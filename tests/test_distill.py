@@ -65,10 +65,8 @@ def test_the_fit_reads_the_optimums_sets_and_the_policy_scores_as_fitted(tmp_pat
     expected = (per_document[distill.ALL_SIGNALS] - per_document["every entropy"]).mean()
     assert drops.loc["every entropy", "drop"] == pytest.approx(expected) and len(drops) == len(FEATURES) + 1
     assert (drops.drop_ci_low <= drops["drop"]).all() and (drops["drop"] <= drops.drop_ci_high).all()
-    assert [p.suffix for p in distill.plot_distilled(content, drops.reset_index(), tmp_path / "fig")] == [
-        ".png",
-        ".svg",
-    ]
+    written = distill.plot_distilled(content, drops.reset_index(), tmp_path / "fig")
+    assert [path.suffix for path in written] == [".png", ".svg"] and all(path.stat().st_size for path in written)
 
 
 def test_the_ablation_refuses_a_model_without_weights_before_loading_it(capsys):
