@@ -275,6 +275,7 @@ def growth(table: pd.DataFrame) -> pd.DataFrame:
 def plot(table: pd.DataFrame, path: Path) -> list[Path]:
     """Time and peak memory ratios against the length, one line per job (log x)."""
     import seaborn as sns
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     theme()
     long = table.melt(
@@ -294,9 +295,15 @@ def plot(table: pd.DataFrame, path: Path) -> list[Path]:
     )
     grid.set(xscale="log", yscale="log")
     grid.set_axis_labels("context length (tokens)", "job / plain transformers")
+    lengths = sorted(table.tokens.unique())
+    for ax in grid.axes.flat:  # the measured lengths and plain ratios, not a log axis's powers of ten
+        ax.set_xticks(lengths, [f"{n / 1024:g}k" if n >= 1024 else str(n) for n in lengths])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(NullFormatter())
     first = table.iloc[0]
     grid.figure.suptitle(
-        f"{first.model} on {first.device} ({first.dtype}): cost against the plain forward", fontsize=10
+        f"{first['model']} on {first['device']} ({first['dtype']}): cost against the plain forward", fontsize=10
     )
     grid.figure.subplots_adjust(top=0.85)
     return save_figure(grid.figure, path)
