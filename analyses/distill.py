@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/distill"), help="folder of the tables and figure")
     add_shard_option(parser)
     args = parser.parse_args(argv)
+    if args.docs < 2:
+        parser.error(f"--docs: leaving one document out needs at least 2, not {args.docs}")
     found = None if args.shard is not None else read(args.model, "distilled")
     if args.shard is None and found is None:
         parser.exit(2, f"error: --model: no distilled weights for {args.model!r}; run `forward-influence distill`\n")

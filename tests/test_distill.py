@@ -75,3 +75,11 @@ def test_the_ablation_refuses_a_model_without_weights_before_loading_it(capsys):
     assert raised.value.code == 2
     expected = "error: --model: no distilled weights for 'no-such-model'; run `forward-influence distill`"
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_the_ablation_refuses_fewer_than_two_documents_before_loading(capsys):
+    with pytest.raises(SystemExit) as raised:
+        distill.main(["--docs", "1"])
+    assert raised.value.code == 2
+    expected = "error: --docs: leaving one document out needs at least 2, not 1"
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(expected)

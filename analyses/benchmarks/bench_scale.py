@@ -205,10 +205,11 @@ def measure(
                     rows.append(dict(row, skipped=f"the estimate, {peak.total / 2**30:.0f} GiB, does not fit"))
                     bar.update()
                     continue
-                for role, fn in (("baseline", baseline), ("job", job)):
-                    if (name, role) not in warm:
+                # a baseline shared by several jobs (the plain forward) is warmed once, like each job
+                for key, fn in ((baseline.__qualname__, baseline), (name, job)):
+                    if key not in warm:
                         meter(fn)
-                        warm.add((name, role))
+                        warm.add(key)
                 if baseline not in baselines:
                     baselines[baseline] = meter(baseline)
                 base_seconds, base_mb = baselines[baseline]
