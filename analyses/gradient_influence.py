@@ -8,9 +8,10 @@ oracle and `analyses.learned` read it), and estimated from the gates' gradients
 
 - ``gradient_vs_exact_per_document.csv``: per document, the Spearman correlation of the estimate with
   the exact ``fi_near`` and ``fi_far``, the overlap of their top 10% (the share of the exact top 10%
-  that the estimate also ranks in its top 10%), and both times. Most single tokens change the far
-  KL by less than float32 resolves (their exact KL is 0, tied), so ``measured_share_<bucket>`` gives
-  the share of tokens whose exact KL is above zero and ``spearman_measured_<bucket>`` the correlation
+  that the estimate also ranks in its top 10%), and both times. Most single tokens change the KL by
+  less than float32 resolves: their exact KL is 0 or a few rounding steps of float32 (multiples of
+  its epsilon, 1.2e-7), so their exact order is a tie. ``resolved_share_<bucket>`` gives the share of
+  tokens whose exact KL is above `RESOLVED_KL` and ``spearman_resolved_<bucket>`` the correlation
   among those;
 - ``gradient_vs_exact.csv``: the mean of each over documents with its 95% interval
   (`forward_influence.stats.mean_ci`), and
@@ -54,6 +55,9 @@ from .protocol import INFLUENCE_DISTANCE, PREFIX
 
 BUCKETS = ("fi_near", "fi_far")
 TOP_SHARE = 0.1  # the top tokens whose overlap is reported
+# An exact KL of 100 float32 epsilons moves in rounding steps of about a percent of itself; below it
+# the KL is a few steps, and tokens tie (the vertical stripes of the figure).
+RESOLVED_KL = 100 * float(np.finfo(np.float32).eps)
 
 
 def top_overlap(estimate: np.ndarray, exact: np.ndarray, share: float = TOP_SHARE) -> float:
@@ -94,9 +98,9 @@ def per_document_comparison(tokens: pd.DataFrame) -> pd.DataFrame:
             exact, estimate = group[f"exact_{bucket}"].to_numpy(), group[f"gradient_{bucket}"].to_numpy()
             row[f"spearman_{bucket}"] = stats.spearmanr(estimate, exact).statistic
             row[f"top10_overlap_{bucket}"] = top_overlap(estimate, exact)
-            measured = exact > 0  # the rest evict below float32's resolution: their exact order is a tie
-            row[f"measured_share_{bucket}"] = measured.mean()
-            row[f"spearman_measured_{bucket}"] = stats.spearmanr(estimate[measured], exact[measured]).statistic
+            resolved = exact > RESOLVED_KL
+            row[f"resolved_share_{bucket}"] = resolved.mean()
+            row[f"spearman_resolved_{bucket}"] = stats.spearmanr(estimate[resolved], exact[resolved]).statistic
         row.update(exact_seconds=group.exact_seconds.iloc[0], gradient_seconds=group.gradient_seconds.iloc[0])
         rows.append(row)
     return pd.DataFrame(rows)
@@ -104,7 +108,7 @@ def per_document_comparison(tokens: pd.DataFrame) -> pd.DataFrame:
 
 def summary(per_document: pd.DataFrame) -> pd.DataFrame:
     """Means over documents with 95% intervals, and the speed ratio of the summed CPU times."""
-    metrics = [c for c in per_document.columns if c.startswith(("spearman_", "top10_overlap_", "measured_share_"))]
+    metrics = [c for c in per_document.columns if c.startswith(("spearman_", "top10_overlap_", "resolved_share_"))]
     table = group_ci(per_document.assign(all="all"), ["all"], metrics).drop(columns="all")
     table = table.rename(columns={"n": "n_documents"})
     return table.assign(speed_ratio=per_document.exact_seconds.sum() / per_document.gradient_seconds.sum())

@@ -144,7 +144,7 @@ def test_gradient_comparison_tables_from_known_ranks():
             "document": ["a"] * 10 + ["b"] * 10,
             "exact_fi_near": np.r_[np.arange(10.0), np.arange(10.0)],
             "gradient_fi_near": np.r_[np.arange(10.0), -np.arange(10.0)],
-            "exact_fi_far": np.r_[np.arange(10.0), np.arange(10.0)],
+            "exact_fi_far": np.r_[0.0, 1e-6, np.arange(2.0, 10.0), np.arange(10.0)],
             "gradient_fi_far": np.r_[np.arange(10.0) ** 2, np.arange(10.0)],
             "exact_seconds": np.r_[[30.0] * 10, [50.0] * 10],
             "gradient_seconds": [1.0] * 20,
@@ -155,8 +155,8 @@ def test_gradient_comparison_tables_from_known_ranks():
     assert per_document.loc["b", "spearman_fi_near"] == pytest.approx(-1)
     assert per_document.top10_overlap_fi_far.tolist() == [1.0, 1.0]
     assert per_document.loc["b", "top10_overlap_fi_near"] == 0.0
-    assert per_document.loc["a", "measured_share_fi_far"] == 0.9  # position 0's exact KL is 0
-    assert per_document.loc["a", "spearman_measured_fi_far"] == pytest.approx(1)
+    assert per_document.loc["a", "resolved_share_fi_far"] == 0.8  # 0 and 1e-6 are below RESOLVED_KL
+    assert per_document.loc["a", "spearman_resolved_fi_far"] == pytest.approx(1)
     table = summary(per_document.reset_index()).iloc[0]
     assert table.n_documents == 2 and table.speed_ratio == pytest.approx(40.0)
     assert table.spearman_fi_far_mean == pytest.approx(1)
