@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import options, outputs
-from .options import add_model, positive_int
+from .options import add_model, documents_to_leave_out, positive_int
 
 EXAMPLES = {
     "learn": "forward-influence learn --model smollm2-135m-instruct --docs 8",
@@ -86,7 +86,10 @@ def add(command) -> None:
         p = command(name, f"fit {what} on the calibration essays (resumable)")
         add_model(p)
         p.add_argument(
-            "--docs", type=positive_int, default=docs, help=f"calibration documents of {tokens} tokens (default {docs})"
+            "--docs",
+            type=documents_to_leave_out,
+            default=docs,
+            help=f"calibration documents of {tokens} tokens (default {docs})",
         )
         policy = "distilled" if name == "distill" else "learned"
         p.add_argument(

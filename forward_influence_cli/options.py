@@ -53,6 +53,7 @@ def _integer(text: str, least: int) -> int:
 
 positive_int = checked(lambda text: _integer(text, 1))
 non_negative_int = checked(lambda text: _integer(text, 0))
+documents_to_leave_out = checked(lambda text: _integer(text, 2))  # a fit validated leaving one document out
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take every seed up to here
 
 

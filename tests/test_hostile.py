@@ -36,6 +36,8 @@ BAD_BEFORE_LOADING = [
     (["score", "essay:nope"], "no essay matches 'nope'"),
     (["score", "essay:gap", "--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
     (["score", "essay:gap", "--max-tokens", "-5"], "--max-tokens: must be at least 1, got -5"),
+    (["distill", "--docs", "1"], "--docs: must be at least 2, got 1"),  # leaving one out needs two
+    (["learn", "--docs", "1"], "--docs: must be at least 2, got 1"),
     (["score", "essay:gap", "--top-k", "0"], "--top-k: must be at least 1"),
     (["score", "essay:gap", "--window", "-1"], "--window: must be at least 1"),
     # outputs
@@ -135,8 +137,8 @@ BAD_BEFORE_LOADING = [
     (["eval", "--shard", "2/2"], "--shard: expected I/N with 0 <= I < N, got '2/2'"),
     (["eval", "--shard", "half"], "--shard: expected I/N (the I-th of N shards, from 0)"),
     (["calibrate", "--docs", "-1"], "--docs: must be at least 1"),
-    (["learn", "--docs", "0"], "--docs: must be at least 1"),
-    (["distill", "--docs", "0"], "--docs: must be at least 1"),
+    (["learn", "--docs", "0"], "--docs: must be at least 2, got 0"),
+    (["distill", "--docs", "0"], "--docs: must be at least 2, got 0"),
     (["verify", "--max-tokens", "0"], "--max-tokens: must be at least 1"),
     (["trace", "missing.jsonl", "--out", "{tmp}/t.jsonl", "--limit", "0"], "--limit: must be at least 1"),
     # no input destroyed, no two outputs on one path, no item counted twice
