@@ -17,8 +17,9 @@ other policy; the search's own numbers (relaxed loss, each start's exact KL, CPU
 - ``headroom.png``: the places with their intervals;
 - ``paired.csv``: per budget and policy, the mean of ``optimal - policy`` on the KL over documents
   with its 95% Student-t interval;
-- ``sets.csv`` + ``sets.png``: what the optimal sets keep beside H2O's and InfoKV's (`describe_sets`:
-  overlap, position, and the kept share by decile of entropy and of attention);
+- ``sets.csv`` + ``sets.png``: what the optimal sets keep beside H2O's, InfoKV's and, for a model with
+  its weights file, the distilled policy's (`describe_sets`: overlap, position, and the kept share by
+  decile of entropy and of attention);
 - ``interaction.csv``: per budget, the KL of `optimal`'s whole evicted set against the sum of its
   entries' single influences (each token evicted from one layer and KV head alone), and the ratio of
   their means (`analyses.headroom.interaction`). The single influences are the Fisher estimates of
@@ -54,10 +55,11 @@ from forward_influence.outputs import atomic_path, write_table
 from forward_influence.signals import token_signals
 from forward_influence.stats import student_t_ci
 from forward_influence.tracer import Tracer
+from kv_compression import tuned
 from kv_compression.budget import Budget
 from kv_compression.kept import kept_masks
 from kv_compression.offline import observation
-from kv_compression.policies import H2O, InfoKV, Optimal
+from kv_compression.policies import H2O, InfoKV, Optimal, Policy
 
 from . import cache
 from .documents import add_shard_option, cache_folder, per_document
@@ -177,18 +179,26 @@ def paired(results: pd.DataFrame, optimal: pd.DataFrame, metric: str = "kl") -> 
     return pd.DataFrame(rows).sort_values(["budget", "difference"])
 
 
-COMPARED = {"h2o": H2O(), "infokv": InfoKV()}  # the sets the optimum's are described beside
+def compared(model: str) -> dict[str, Policy]:
+    """The policies whose sets the optimum's are described beside: H2O, the published InfoKV, and the
+    distilled policy where `model` has its weights file (`kv_compression.tuned.read`)."""
+    policies = {"h2o": H2O(), "infokv": InfoKV()}
+    if tuned.read(model, "distilled") is not None:
+        policies["distilled"] = tuned.distilled(model)[0]
+    return policies
+
+
 DECILE_SIGNALS = ("entropy_next", "attention_snapkv")
 
 
 def describe_sets(loaded: LoadedModel, docs: int, budgets: list[str], out: Path) -> pd.DataFrame:
-    """What the optimal sets keep, beside H2O's and InfoKV's, on the documents whose sets `optimal_rows`
+    """What the optimal sets keep, beside the `compared` policies', on the documents whose sets `optimal_rows`
     kept: one row per document, budget and policy with ``jaccard`` (of the kept (layer, KV head, token)
     slots with the optimum's, over the searched layers), ``position`` (mean position of the kept slots,
     a share of the prefix) and ``<signal>_d<k>`` (the share of kept slots among the tokens of the k-th
     decile of the signal, k = 1..10, for the top-k entropy of the next token and the SnapKV attention
     a token receives from the prefix's last window)."""
-    tracer, task = Tracer(loaded), Fidelity()
+    tracer, task, policies = Tracer(loaded), Fidelity(), compared(loaded.name)
     folder = cache_folder(out, loaded.name) / "set-level" / "sets"
     rows = []
     for document in evaluation_documents(loaded.tokenizer, docs):
@@ -196,7 +206,7 @@ def describe_sets(loaded: LoadedModel, docs: int, budgets: list[str], out: Path)
         if not all(sets_file(folder, item, budget).is_file() for budget in budgets):
             continue
         ids = document.token_ids[: task.prefix]
-        obs = observation(tracer, ids, list(COMPARED.values()))
+        obs = observation(tracer, ids, list(policies.values()))
         signals = token_signals(tracer, ids)
         deciles = {
             name: np.minimum((stats.rankdata(signals.get(name)) - 1) * 10 // len(ids), 9).astype(int)
@@ -206,7 +216,7 @@ def describe_sets(loaded: LoadedModel, docs: int, budgets: list[str], out: Path)
             stored = load_file(str(sets_file(folder, item, budget)))
             layers = stored["layers"].tolist()
             kept = {CEILING: stored["kept"].bool()}
-            for name, policy in COMPARED.items():
+            for name, policy in policies.items():
                 masks = kept_masks(policy, obs, Budget.parse(budget))
                 kept[name] = torch.stack([masks[layer][0] for layer in layers]).cpu()
             for name, mask in kept.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,6 +28,8 @@ from kv_compression.budget import Budget
 from kv_compression.kept import eviction_specs, kept_indices
 from kv_compression.offline import observation
 from kv_compression.policies import H2O, Optimal
+from kv_compression.policies.learned import FEATURES
+from kv_compression.tuned import file_name
 
 from conftest import VOCAB, tiny_model
 
@@ -175,7 +179,8 @@ def test_search_rows_measure_optimal_exactly_beside_its_search(tiny, tmp_path):
     assert kept.shape[1:] == (2, TIME + 1) and (kept.sum(dim=-1) == 7).all()  # 25% of 26, rounded up
 
 
-def test_the_kept_sets_are_described_beside_h2o_and_infokv(tmp_path):
+def test_the_kept_sets_are_described_beside_h2o_infokv_and_a_fitted_distilled_policy(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARD_INFLUENCE_HOME", str(tmp_path / "home"))  # no distilled file yet
     loaded = tiny_model("llama")
     rows = optimal_rows(loaded, 1, ["0.5"], tmp_path, progress=False)
     described = describe_sets(loaded, 1, ["0.5"], tmp_path).set_index("policy")
@@ -185,6 +190,15 @@ def test_the_kept_sets_are_described_beside_h2o_and_infokv(tmp_path):
     deciles = described[[f"entropy_next_d{k}" for k in range(1, 11)]]
     assert ((deciles >= 0) & (deciles <= 1) | deciles.isna()).all().all()
     assert rows.kl.iloc[0] == pytest.approx(rows[f"kl_{rows.start.iloc[0]}"].iloc[0])
+
+    # A model with a distilled weights file has its sets described too: here a score of window attention alone.
+    weights = [float(name == "attention_window") for name in FEATURES]
+    content = dict(bands=1, features=list(FEATURES), weights=weights, intercepts=[0.0], sinks=0)
+    (tmp_path / "home" / "distilled").mkdir(parents=True)
+    (tmp_path / "home" / "distilled" / file_name(loaded.name)).write_text(json.dumps(content))
+    with_distilled = describe_sets(loaded, 1, ["0.5"], tmp_path).set_index("policy")
+    assert list(with_distilled.index) == ["optimal", "h2o", "infokv", "distilled"]
+    assert with_distilled.drop("distilled").equals(described)
 
 
 def test_paired_differences_against_the_optimum():
