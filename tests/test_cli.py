@@ -190,6 +190,27 @@ def test_generate_prints_the_completion_then_the_cache_sizes(capsys):
     assert int(sizes["kept_bytes"]) < int(sizes["full_bytes"]) / 3
 
 
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_generate_with_the_packaged_distilled_weights_of_each_embedded_model(model, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARD_INFLUENCE_HOME", str(tmp_path))  # no user file: the packaged weights are drawn
+    code, stdout, err = run(
+        capsys,
+        "generate",
+        "Hello",
+        "--model",
+        model,
+        "--policy",
+        "distilled",
+        "--budget",
+        "0.5",
+        "--max-new-tokens",
+        "8",
+    )
+    assert code == 0 and f"(from the packaged distilled {model}.json)" in err
+    sizes = dict(item.split("=") for item in stdout.strip().splitlines()[-1].removeprefix("cache: ").split())
+    assert int(sizes["kept_tokens"]) < int(sizes["full_tokens"])
+
+
 def test_score_with_policies_adds_score_and_kept_columns(capsys, tmp_path):
     out = tmp_path / "s.csv"
     code, _, _ = run(
