@@ -73,6 +73,9 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 SETS, SET_SHARE, QUERY_CHUNK = 5, 0.1, 1024
 SCANNED, DISTANCE = 16, 64
 NEW_TOKENS, BUDGET, BUFFER = 512, "0.25", 128
+# The warm-up's context: the lazy initialisation a first call pays for does not grow with the length,
+# and warming at the first measured length would double a resumed run that starts at the longest one.
+WARM_TOKENS = 128
 JOBS = ("readout", "eviction", "scan_exact", "scan_gradient", "prefill_infokv", "decode")
 # What each job holds at its peak, in the terms of `forward_influence.memory.estimate`.
 RUNS = {
@@ -186,14 +189,22 @@ def measure(
     """One row per length and job (see the module docstring), with ``estimated_mb``, the memory
     guard's estimate of the job's peak beyond the weights; a job whose estimate exceeds the device's
     memory is not run (its row says so in ``skipped``). Every job runs once untimed before its first
-    measurement (the first call of a path pays for lazy initialisation). The rows of `done` (an earlier
-    run's, each job measured beside its own baseline) are kept and their lengths not measured again;
-    `save` receives the table after each length, so a run stopped midway resumes from there."""
+    measurement, on a `WARM_TOKENS`-token context (the first call of a path pays for lazy
+    initialisation). The rows of `done` (an earlier run's, each job measured beside its own baseline)
+    are kept and their lengths not measured again; `save` receives the table after each length, so a
+    run stopped midway resumes from there."""
     meter, rows, memory = Meter(device), [], device_memory(device)
-    config, warm = loaded.model.config, set()
+    config = loaded.model.config
     if done is not None:
         rows = done.to_dict("records")
         lengths = [n for n in lengths if n not in set(done.tokens)]
+    if lengths:
+        warm = set()  # a baseline shared by several jobs (the plain forward) is warmed once, like each job
+        for name, (job, baseline) in jobs(loaded, WARM_TOKENS, quick=True).items():
+            for key, fn in ((baseline.__qualname__, baseline), (name, job)):
+                if key not in warm:
+                    fn()
+                    warm.add(key)
     with tqdm(total=len(lengths) * len(JOBS), desc="scale", unit="job") as bar:
         for n in lengths:
             baselines = {}  # jobs with the same baseline (the plain forward) share its measurement at a length
@@ -205,11 +216,6 @@ def measure(
                     rows.append(dict(row, skipped=f"the estimate, {peak.total / 2**30:.0f} GiB, does not fit"))
                     bar.update()
                     continue
-                # a baseline shared by several jobs (the plain forward) is warmed once, like each job
-                for key, fn in ((baseline.__qualname__, baseline), (name, job)):
-                    if key not in warm:
-                        meter(fn)
-                        warm.add(key)
                 if baseline not in baselines:
                     baselines[baseline] = meter(baseline)
                 base_seconds, base_mb = baselines[baseline]
