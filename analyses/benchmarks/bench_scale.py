@@ -33,8 +33,8 @@ Writes ``scale.csv`` (a row per length and job: seconds and peak MB of the job a
 their ratios), ``growth.csv`` (per job, the exponent k of a fit ``seconds ~ n^k`` over the lengths, for
 the job and its baseline, and of the peak memory, with the two-term fit ``seconds = a n + b n^2``
 checked on the longest length from the others) and ``scale.png``. A run resumes: ``scale.csv`` is
-written after each length, and the lengths already in it are kept (each row's job and baseline were
-measured together) and not measured again.
+written after each job, and the jobs already in it at a length are kept (each row's job and baseline
+were measured together) and not measured again.
 """
 
 from __future__ import annotations
@@ -191,50 +191,56 @@ def measure(
     memory is not run (its row says so in ``skipped``). Every job runs once untimed before its first
     measurement, on a `WARM_TOKENS`-token context (the first call of a path pays for lazy
     initialisation). The rows of `done` (an earlier run's, each job measured beside its own baseline)
-    are kept and their lengths not measured again; `save` receives the table after each length, so a
-    run stopped midway resumes from there."""
-    meter, rows, memory = Meter(device), [], device_memory(device)
-    config = loaded.model.config
-    if done is not None:
-        rows = done.to_dict("records")
-        lengths = [n for n in lengths if n not in set(done.tokens)]
-    if lengths:
+    are kept and their jobs not measured again at their length; `save` receives the table after each
+    job, so a run stopped midway resumes from there."""
+    meter, memory, config = Meter(device), device_memory(device), loaded.model.config
+    rows = [] if done is None else done.to_dict("records")
+    measured = {(row["tokens"], row["job"]) for row in rows}
+    todo = [(n, name) for n in lengths for name in JOBS if (n, name) not in measured]
+    if todo:
         warm = set()  # a baseline shared by several jobs (the plain forward) is warmed once, like each job
         for name, (job, baseline) in jobs(loaded, WARM_TOKENS, quick=True).items():
             for key, fn in ((baseline.__qualname__, baseline), (name, job)):
                 if key not in warm:
                     fn()
                     warm.add(key)
-    with tqdm(total=len(lengths) * len(JOBS), desc="scale", unit="job") as bar:
-        for n in lengths:
+    with tqdm(total=len(todo), desc="scale", unit="job") as bar:
+        for n in sorted({n for n, _ in todo}):
             baselines = {}  # jobs with the same baseline (the plain forward) share its measurement at a length
             for name, (job, baseline) in jobs(loaded, n, quick).items():
+                if (n, name) in measured:
+                    continue
                 peak = estimate(config, n, dtype=dtype, **RUNS[name])
                 row = dict(model=loaded.name, device=device, dtype=dtype, tokens=n, job=name)
                 row["estimated_mb"] = (peak.total - peak.weights) / 2**20
                 if memory is not None and peak.total > memory:
                     rows.append(dict(row, skipped=f"the estimate, {peak.total / 2**30:.0f} GiB, does not fit"))
-                    bar.update()
-                    continue
-                if baseline not in baselines:
-                    baselines[baseline] = meter(baseline)
-                base_seconds, base_mb = baselines[baseline]
-                seconds, mb = meter(job)
-                rows.append(
-                    dict(
-                        row,
-                        seconds=seconds,
-                        peak_mb=mb,
-                        baseline_seconds=base_seconds,
-                        baseline_peak_mb=base_mb,
-                        time_ratio=seconds / base_seconds,
-                        memory_ratio=mb / base_mb if base_mb > 0 else np.nan,
-                        skipped="",
+                else:
+                    if baseline not in baselines:
+                        baselines[baseline] = meter(baseline)
+                    base_seconds, base_mb = baselines[baseline]
+                    seconds, mb = meter(job)
+                    rows.append(
+                        dict(
+                            row,
+                            seconds=seconds,
+                            peak_mb=mb,
+                            baseline_seconds=base_seconds,
+                            baseline_peak_mb=base_mb,
+                            time_ratio=seconds / base_seconds,
+                            memory_ratio=mb / base_mb if base_mb > 0 else np.nan,
+                            skipped="",
+                        )
                     )
-                )
+                save(ordered(rows))
                 bar.update()
-            save(pd.DataFrame(rows))
-    return pd.DataFrame(rows)
+    return ordered(rows)
+
+
+def ordered(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table by length, then in `JOBS` order (a resumed length's jobs arrive last)."""
+    table = pd.DataFrame(rows)
+    return table.iloc[np.lexsort((table.job.map(JOBS.index), table.tokens))].reset_index(drop=True)
 
 
 def exponent(n: np.ndarray, values: np.ndarray) -> float:
