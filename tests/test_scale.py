@@ -112,6 +112,26 @@ def test_the_benchmark_resumes_from_the_jobs_it_has(tmp_path):
     pd.testing.assert_frame_equal(table.head(4), first.head(4))
 
 
+def test_a_resumed_run_builds_the_cached_prefix_only_for_a_job_that_starts_from_it(tmp_path, monkeypatch):
+    sys.path.insert(0, str(CONFIGS.parent))
+    import bench_scale
+
+    bench_scale.main(["--config", "tiny-llama", "--lengths", "128", "--quick", "--out", str(tmp_path)])
+    first = pd.read_csv(tmp_path / "scale.csv")
+    first[first.job != "decode"].to_csv(tmp_path / "scale.csv", index=False)  # a run stopped before decoding
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoding does not start from a cached prefix")
+
+    monkeypatch.setattr(bench_scale, "clean_run", refuse)
+    bench_scale.main(["--config", "tiny-llama", "--lengths", "128", "--quick", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "scale.csv")
+    assert list(table.job) == list(bench_scale.JOBS)
+    pd.testing.assert_frame_equal(table.head(5), first.head(5))
+    with pytest.raises(AssertionError, match="cached prefix"):
+        bench_scale.jobs(random_model(CONFIGS / "tiny-llama.json"), 128, True, ["scan_exact"])
+
+
 def test_the_gpu_script_runs_its_tests_and_the_benchmark_on_a_cpu_with_a_tiny_configuration(tmp_path):
     settings = dict(DEVICE="cpu", CONFIG="tiny-llama", DTYPE="float32", LENGTHS="128,256", OUT=str(tmp_path))
     done = subprocess.run(

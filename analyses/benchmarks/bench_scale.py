@@ -43,7 +43,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,7 @@ NEW_TOKENS, BUDGET, BUFFER = 512, "0.25", 128
 # and warming at the first measured length would double a resumed run that starts at the longest one.
 WARM_TOKENS = 128
 JOBS = ("readout", "eviction", "scan_exact", "scan_gradient", "prefill_infokv", "decode")
+PREFIXED = {"eviction", "scan_exact", "scan_gradient"}  # the jobs that start from a cached prefix
 # What each job holds at its peak, in the terms of `forward_influence.memory.estimate`.
 RUNS = {
     "readout": dict(run="readout", attention=True),
@@ -119,8 +120,12 @@ class Meter:
         return seconds, max(peak - before, 0.0) / 2**20
 
 
-def jobs(loaded: LoadedModel, n: int, quick: bool) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
-    """Each job of the module docstring at length `n`, with its baseline: ``{name: (job, baseline)}``."""
+def jobs(
+    loaded: LoadedModel, n: int, quick: bool, names: Collection[str] = JOBS
+) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """The jobs `names` of the module docstring at length `n`, each with its baseline, in `JOBS` order:
+    ``{name: (job, baseline)}``. The cached prefix the eviction jobs start from (a clean run over the n
+    tokens, as long as a forward pass) is built only when one of them is asked for."""
     model, tracer = loaded.model, Tracer(loaded)
     device = model.device
     vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -161,10 +166,12 @@ def jobs(loaded: LoadedModel, n: int, quick: bool) -> dict[str, tuple[Callable[[
 
         return run
 
-    with torch.no_grad():
-        clean = clean_run(tracer, ids, hidden=False)  # the cached prefix the eviction jobs start from
+    clean = None
+    if PREFIXED & set(names):
+        with torch.no_grad():
+            clean = clean_run(tracer, ids, hidden=False)
     scanned = range(t - SCANNED, t)
-    return {
+    every = {
         "readout": (lambda: token_signals(tracer, ids), forward),
         "eviction": (
             lambda: evict(tracer, clean, sets, n - t - 1, batch_size=SETS, hidden=False, chunk=QUERY_CHUNK),
@@ -175,6 +182,7 @@ def jobs(loaded: LoadedModel, n: int, quick: bool) -> dict[str, tuple[Callable[[
         "prefill_infokv": (prefill_infokv, forward),
         "decode": (decode(InfoKV()), decode(None)),
     }
+    return {name: every[name] for name in JOBS if name in names}
 
 
 def measure(
@@ -199,7 +207,7 @@ def measure(
     todo = [(n, name) for n in lengths for name in JOBS if (n, name) not in measured]
     if todo:
         warm = set()  # a baseline shared by several jobs (the plain forward) is warmed once, like each job
-        for name, (job, baseline) in jobs(loaded, WARM_TOKENS, quick=True).items():
+        for name, (job, baseline) in jobs(loaded, WARM_TOKENS, True, {name for _, name in todo}).items():
             for key, fn in ((baseline.__qualname__, baseline), (name, job)):
                 if key not in warm:
                     fn()
@@ -207,9 +215,8 @@ def measure(
     with tqdm(total=len(todo), desc="scale", unit="job") as bar:
         for n in sorted({n for n, _ in todo}):
             baselines = {}  # jobs with the same baseline (the plain forward) share its measurement at a length
-            for name, (job, baseline) in jobs(loaded, n, quick).items():
-                if (n, name) in measured:
-                    continue
+            remaining = [name for name in JOBS if (n, name) not in measured]
+            for name, (job, baseline) in jobs(loaded, n, quick, remaining).items():
                 peak = estimate(config, n, dtype=dtype, **RUNS[name])
                 row = dict(model=loaded.name, device=device, dtype=dtype, tokens=n, job=name)
                 row["estimated_mb"] = (peak.total - peak.weights) / 2**20
