@@ -2,11 +2,16 @@
 
 Two kinds of run, over traces of `tokens` tokens (bytes; ``size`` is the dtype's):
 
-- a ``readout`` (the signals of `score`, `heatmap`, an observation): the weights; the cache,
-  ``2 x layers x kv_heads x head_dim x tokens x size``; the float32 residual stream of every layer and
-  every layer's queries; the logits of one chunk of positions; and, when it reads attention, one
-  layer's attention probabilities ``[heads, tokens, tokens]`` in float32 (the part that grows with
-  the square of the length);
+- a ``readout`` (the signals of `score`, `heatmap`, an observation) peaks in one of two phases, and the
+  estimate is the larger. Both hold the weights; the cache, ``2 x layers x kv_heads x head_dim x
+  tokens x size``; and, when it reads attention, every layer's queries in float32. The forward pass
+  adds the residual stream of every layer as it is saved, one layer's MLP activations and, in a model
+  with sliding-window layers, the boolean ``[tokens, tokens]`` window mask sdpa receives together
+  with the copy in the dtype its kernel makes of it (the part that grows with the square of the
+  length; full-attention layers take the causal fast path and no mask). The signals after it add the
+  stacked float32 streams and the largest of: the representation change's three temporaries of the
+  same size, one chunk of logits with the entropy's temporaries, one chunk of queries' attention
+  scores;
 - a ``replay`` of evictions (`influence`, `scan`): the weights; the clean prefix's cache held once
   and materialised once per row of a batch (`tracer.expand_cache`), ``batch_size + 1`` times; one
   additive ``[batch, 1, queries, tokens]`` mask per kind of layer (full attention, and the sliding
@@ -14,7 +19,7 @@ Two kinds of run, over traces of `tokens` tokens (bytes; ``size`` is the dtype's
   (all of them without a chunk: the square again); per row, the float32 residual streams and the
   logits of those queries.
 
-Every term is counted at its largest at once; `analyses/benchmarks/bench_scale.py` writes the
+Within a phase every term is counted at its largest at once; `analyses/benchmarks/bench_scale.py` writes the
 estimate beside each job's measured peak. `check_fits` refuses, before any weight loads, a run whose
 estimate exceeds the device's memory, naming the option that would make it fit.
 `FORWARD_INFLUENCE_MEMORY` (bytes, or with a unit: ``512MiB``, ``16GB``) sets the memory to plan for,
@@ -28,6 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from .attention import QUERY_CHUNK
 from .errors import InputError
 from .eviction import AttentionLayout
 from .logits import DEFAULT_CHUNK
@@ -35,6 +41,11 @@ from .logits import DEFAULT_CHUNK
 MEMORY_VARIABLE = "FORWARD_INFLUENCE_MEMORY"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT32 = 4
+# Temporaries of the readout's steps, each counted in copies of what the step works on.
+MLP_TEMPORARIES = 3  # one layer's gate and up projections and their product, per token and intermediate unit
+STREAM_TEMPORARIES = 3  # the representation change: both streams normalised, and their product
+ENTROPY_TEMPORARIES = 4  # a chunk's logits, log-probabilities, probabilities and their product
+SCORE_TEMPORARIES = 3  # a chunk of queries' attention scores, masked scores and probabilities
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 Run = Literal["readout", "replay"]
@@ -87,7 +98,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Peak:
-    """The estimated peak of a run, by part (bytes)."""
+    """The estimated peak of a run, by part (bytes): what its peak phase holds."""
 
     weights: int
     cache: int
@@ -114,17 +125,24 @@ def estimate(
     shape, size = Shape.of(config), DTYPE_BYTES[dtype]
     weights = shape.parameters * size
     streams = (shape.layers + 1) * shape.hidden
+    cache = shape.cache_bytes(tokens, size)
     if run == "readout":
-        activations = FLOAT32 * (
-            tokens * (streams + shape.layers * shape.heads * shape.head_dim)
-            + min(tokens, DEFAULT_CHUNK) * shape.vocab
-            + (shape.heads * tokens * tokens if attention else 0)
+        stacked = FLOAT32 * tokens * streams
+        queries = FLOAT32 * tokens * shape.layers * shape.heads * shape.head_dim if attention else 0
+        window_mask = tokens * tokens * (1 + size) if shape.sliding else 0
+        forward = stacked + MLP_TEMPORARIES * size * tokens * shape.intermediate
+        signals = stacked + max(
+            STREAM_TEMPORARIES * stacked,
+            ENTROPY_TEMPORARIES * FLOAT32 * min(tokens, DEFAULT_CHUNK) * shape.vocab,
+            SCORE_TEMPORARIES * FLOAT32 * shape.heads * min(tokens, QUERY_CHUNK) * tokens if attention else 0,
         )
-        return Peak(weights, shape.cache_bytes(tokens, size), 0, activations)
+        if forward + window_mask >= signals:
+            return Peak(weights, cache, window_mask, queries + forward)
+        return Peak(weights, cache, 0, queries + signals)
     queries = min(chunk or tokens, tokens)
     masks = batch_size * queries * tokens * size * (2 if shape.sliding else 1)
     activations = batch_size * FLOAT32 * queries * (streams + shape.vocab)
-    return Peak(weights, shape.cache_bytes(tokens, size) * (batch_size + 1), masks, activations)
+    return Peak(weights, cache * (batch_size + 1), masks, activations)
 
 
 def parse_bytes(text: str) -> int:

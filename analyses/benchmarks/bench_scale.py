@@ -59,7 +59,7 @@ from forward_influence.defaults import GRADIENT_SAMPLES  # noqa: E402
 from forward_influence.eviction import EvictionSpec  # noqa: E402
 from forward_influence.gradient import gradient_influence  # noqa: E402
 from forward_influence.influence import clean_run, evict  # noqa: E402
-from forward_influence.memory import device_memory, estimate  # noqa: E402
+from forward_influence.memory import Peak, device_memory, estimate  # noqa: E402
 from forward_influence.models import LoadedModel, cache_argument, load_model, random_model  # noqa: E402
 from forward_influence.scan import scan_at  # noqa: E402
 from forward_influence.signals import token_signals  # noqa: E402
@@ -195,14 +195,21 @@ def measure(
     save: Callable[[pd.DataFrame], None] = lambda table: None,
 ) -> pd.DataFrame:
     """One row per length and job (see the module docstring), with ``estimated_mb``, the memory
-    guard's estimate of the job's peak beyond the weights; a job whose estimate exceeds the device's
-    memory is not run (its row says so in ``skipped``). Every job runs once untimed before its first
+    guard's estimate of the job's peak beyond the weights (recomputed for the rows of `done`: it
+    follows the configuration, not the run); a job whose estimate exceeds the device's memory is not
+    run (its row says so in ``skipped``). Every job runs once untimed before its first
     measurement, on a `WARM_TOKENS`-token context (the first call of a path pays for lazy
     initialisation). The rows of `done` (an earlier run's, each job measured beside its own baseline)
     are kept and their jobs not measured again at their length; `save` receives the table after each
     job, so a run stopped midway resumes from there."""
     meter, memory, config = Meter(device), device_memory(device), loaded.model.config
+
+    def peak(n: int, name: str) -> Peak:
+        return estimate(config, n, dtype=dtype, **RUNS[name])
+
     rows = [] if done is None else done.to_dict("records")
+    for row in rows:
+        row["estimated_mb"] = peak_mb(peak(row["tokens"], row["job"]))
     measured = {(row["tokens"], row["job"]) for row in rows}
     todo = [(n, name) for n in lengths for name in JOBS if (n, name) not in measured]
     if todo:
@@ -217,11 +224,11 @@ def measure(
             baselines = {}  # jobs with the same baseline (the plain forward) share its measurement at a length
             remaining = [name for name in JOBS if (n, name) not in measured]
             for name, (job, baseline) in jobs(loaded, n, quick, remaining).items():
-                peak = estimate(config, n, dtype=dtype, **RUNS[name])
+                needed = peak(n, name)
                 row = dict(model=loaded.name, device=device, dtype=dtype, tokens=n, job=name)
-                row["estimated_mb"] = (peak.total - peak.weights) / 2**20
-                if memory is not None and peak.total > memory:
-                    rows.append(dict(row, skipped=f"the estimate, {peak.total / 2**30:.0f} GiB, does not fit"))
+                row["estimated_mb"] = peak_mb(needed)
+                if memory is not None and needed.total > memory:
+                    rows.append(dict(row, skipped=f"the estimate, {needed.total / 2**30:.0f} GiB, does not fit"))
                 else:
                     if baseline not in baselines:
                         baselines[baseline] = meter(baseline)
@@ -242,6 +249,12 @@ def measure(
                 save(ordered(rows))
                 bar.update()
     return ordered(rows)
+
+
+def peak_mb(peak: Peak) -> float:
+    """The estimated peak beyond the weights, in MB (the measured peaks' unit: the weights are loaded
+    before a job starts)."""
+    return (peak.total - peak.weights) / 2**20
 
 
 def ordered(rows: list[dict]) -> pd.DataFrame:
