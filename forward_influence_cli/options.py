@@ -266,8 +266,8 @@ def loaded_model(args: argparse.Namespace):
 def tracer_and_traces(args: argparse.Namespace, run: str = "readout"):
     """The tracer of ``--model`` and the traces of the positional trace, checked before the model's
     weights load against its context and against the memory the `run` needs on ``--device``
-    (`forward_influence.memory`; a ``replay`` of evictions, ``--batch-size`` rows at a time, or a
-    signal ``readout``)."""
+    (`forward_influence.memory`; a ``replay`` of evictions, ``--batch-size`` rows at a time, each
+    running the ``--max-distance`` positions it reads in one pass, or a signal ``readout``)."""
     from forward_influence.memory import check_fits
     from forward_influence.models import load_parts
     from forward_influence.tracer import Tracer
@@ -288,6 +288,7 @@ def tracer_and_traces(args: argparse.Namespace, run: str = "readout"):
         args.device,
         args.dtype,
         batch_size=args.batch_size if batched else 1,
+        chunk=getattr(args, "max_distance", None),
         options=("batch_size", "max_tokens") if batched else ("max_tokens",),
     )
     return Tracer(loaded_model(args)), traces

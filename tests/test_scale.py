@@ -15,6 +15,7 @@ import torch
 from forward_influence.errors import InputError
 from forward_influence.memory import MEMORY_VARIABLE, Shape, check_fits, estimate, parse_bytes
 from forward_influence.models import random_model, read_config
+from forward_influence.sources import DEFAULT_MODEL
 from forward_influence_cli.main import main
 
 from conftest import tiny_model
@@ -90,6 +91,26 @@ def test_the_command_line_refuses_a_run_that_cannot_fit_before_the_weights_load(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
     assert err == "error: 2048 tokens need about 1.3 GiB, more than the 0.9 GiB of cpu; pass --max-tokens 1024"
+
+
+@pytest.mark.slow
+def test_the_guard_plans_a_scan_for_the_positions_it_reads_not_the_whole_trace(capsys, monkeypatch):
+    import forward_influence.models as models
+
+    def loading(*args, **kwargs):
+        raise RuntimeError("the weights load")
+
+    _, config = models.load_parts(DEFAULT_MODEL)
+    read = estimate(config, 2048, "replay", batch_size=16, chunk=64).total
+    assert estimate(config, 2048, "replay", batch_size=16).total > 4 * read
+    monkeypatch.setattr(models, "load_model", loading)
+    monkeypatch.setenv(MEMORY_VARIABLE, str(read))
+    scan = ["scan", "essay:worked", "--max-tokens", "2048", "--start", "1900", "--end", "1920", "--max-distance", "64"]
+    main(scan)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: RuntimeError: the weights load"
+    monkeypatch.setenv(MEMORY_VARIABLE, str(read - 1))
+    assert main(scan) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: 2048 tokens need about")
 
 
 def test_the_scaling_benchmark_runs_on_a_configuration_with_random_weights(tmp_path):
