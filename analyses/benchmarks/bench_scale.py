@@ -372,15 +372,12 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("runs/scale") / loaded.name
     out.mkdir(parents=True, exist_ok=True)
     done = pd.read_csv(out / "scale.csv") if (out / "scale.csv").is_file() else None
-    table = measure(
-        loaded,
-        sorted(lengths),
-        args.device,
-        args.dtype,
-        args.quick,
-        done,
-        save=lambda rows: rows.to_csv(out / "scale.csv", index=False),
-    )
+
+    def save(rows: pd.DataFrame) -> None:
+        rows.to_csv(out / "scale.csv", index=False)
+
+    table = measure(loaded, sorted(lengths), args.device, args.dtype, args.quick, done, save)
+    save(table)  # the resumed rows' estimates, recomputed, even when nothing was left to measure
     fits = growth(table)
     fits.to_csv(out / "growth.csv", index=False)
     plot(table, out / "scale")
