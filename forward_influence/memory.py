@@ -19,9 +19,9 @@ Two kinds of run, over traces of `tokens` tokens (bytes; ``size`` is the dtype's
   (all of them without a chunk: the square again); per row, the float32 residual streams and the
   logits of those queries.
 
-Within a phase every term is counted at its largest at once; `analyses/benchmarks/bench_scale.py` writes the
-estimate beside each job's measured peak. `check_fits` refuses, before any weight loads, a run whose
-estimate exceeds the device's memory, naming the option that would make it fit.
+Within a phase every term is counted at its largest at once; `analyses/benchmarks/bench_scale.py`
+writes the estimate beside each job's measured peak. `check_fits` refuses, before any weight loads, a
+run whose estimate exceeds the device's memory, naming the option that would make it fit.
 `FORWARD_INFLUENCE_MEMORY` (bytes, or with a unit: ``512MiB``, ``16GB``) sets the memory to plan for,
 for a machine shared with other work.
 """
